@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test` do all set-up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of PyTorch where a local one exists. GPU users: `make test TORCH=torch` (or install
+# any torch into .venv first: an importable torch is kept as it is).
+TORCH ?= torch==2.13.0
+EXTRAS ?= test,ray,parquet
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python run_retrieval.py demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,115 @@
+"""The one-layer retrieval model of Schlag, Irie & Schmidhuber (2021, arXiv 2102.11174, Sec. 6.1),
+built as the authors' code builds it (ischlag/fast-weight-transformers, synthetic/).
+
+Values are fixed one-hot vectors v_t in R^S (no value projection), so the memory is S x d_dot.
+The input at position t is x_t = [onehot(v_t); e(k_t)] with a trainable key embedding e of
+size d_emb = int(2.2 S) (initialised N(0, 1)); the same table embeds the query. Then
+
+    k_t = W_K x_t,   q = W_Q e(query),   beta_t = sigmoid(W_b x_t)   (nn.Linear, with bias)
+
+and the memory (any feature map with any update rule, or softmax attention) answers q.
+Loss: 0.5 * sum_j (y_j - v_j)^2, averaged over queries; a zero output scores exactly 0.5.
+
+Because x_t is a one-hot value next to an embedding, W_K x_t is a column of W_K plus a row of
+the projected embedding table: computed as two lookups, never as an (S + d_emb)-wide product.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.memory import FastWeightMemory, SoftmaxMemory
+from tasks.associative import RetrievalBatch
+
+
+def embedding_size(num_pairs: int) -> int:
+    """The original code's int((n_keys + n_values) * 1.1)."""
+    return int((num_pairs + num_pairs) * 1.1)
+
+
+class RetrievalModel(nn.Module):
+    """Key embedding + projections + a memory. Shapes: B batch, L length, Q queries, S pairs."""
+
+    def __init__(self, num_pairs: int, memory: nn.Module, d_key: int = 64,
+                 d_emb: int | None = None, uses_beta: bool = False):
+        super().__init__()
+        S = num_pairs
+        self.num_pairs = S
+        self.d_key = d_key
+        self.d_emb = embedding_size(S) if d_emb is None else d_emb
+        self.embedding = nn.Embedding(S, self.d_emb)
+        self.W_K = nn.Linear(S + self.d_emb, d_key)
+        self.W_Q = nn.Linear(self.d_emb, d_key)
+        self.W_b = nn.Linear(S + self.d_emb, 1) if uses_beta else None
+        self.memory = memory
+        nn.init.normal_(self.embedding.weight, 0.0, 1.0)
+        if isinstance(memory, SoftmaxMemory):
+            nn.init.xavier_uniform_(self.W_K.weight)   # as the original softmax baseline
+            nn.init.xavier_uniform_(self.W_Q.weight)
+        else:
+            bound = 1 / math.sqrt(d_key)
+            nn.init.uniform_(self.W_K.weight, -bound, bound)
+            nn.init.uniform_(self.W_Q.weight, -bound, bound)
+        self.redraw_generator: torch.Generator | None = None
+
+    @property
+    def d_dot(self) -> int | None:
+        return self.memory.d_dot
+
+    def state_size(self, length: int | None = None) -> int:
+        """Floats in the memory of one sequence (softmax: the stored keys and values)."""
+        if isinstance(self.memory, SoftmaxMemory):
+            return self.memory.state_size(length or self.num_pairs, self.num_pairs)
+        return self.memory.state_size()
+
+    def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:
+        """linear([onehot(v); e(k)]) as lookups: [B, L] ids -> [B, L, out]."""
+        S = self.num_pairs
+        value_columns = linear.weight[:, :S].T                              # [S, out]
+        key_table = self.embedding.weight @ linear.weight[:, S:].T           # [S, out]
+        return value_columns[values] + key_table[keys] + linear.bias
+
+    def forward(self, batch: RetrievalBatch) -> Tensor:
+        """Retrieved value vectors y [B, Q, S] for every query of the batch."""
+        phi = getattr(self.memory, "phi", None)
+        if getattr(phi, "random", False) and getattr(phi, "redraw_policy", "per_call") == "per_call":
+            phi.redraw(self.redraw_generator)
+        k = self._project(self.W_K, batch.keys, batch.values)               # [B, L, D_key]
+        q = self.W_Q(self.embedding(batch.queries))                          # [B, Q, D_key]
+        beta = (torch.sigmoid(self._project(self.W_b, batch.keys, batch.values).squeeze(-1))
+                if self.W_b is not None else None)                           # [B, L]
+        v = F.one_hot(batch.values, self.num_pairs).to(k.dtype)              # [B, L, S]
+        return self.memory(k, v, beta, q)
+
+    def query_losses(self, batch: RetrievalBatch) -> Tensor:
+        """0.5 * |y - onehot(target)|^2 per query: [B, Q]."""
+        y = self(batch)
+        return 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)
+
+    def loss(self, batch: RetrievalBatch) -> Tensor:
+        """Mean query loss over the real (unmasked) queries."""
+        losses = self.query_losses(batch)
+        mask = batch.query_mask.to(losses.dtype)
+        return (losses * mask).sum() / mask.sum()
+
+
+def build_model(num_pairs: int, feature_map: str, rule: str, d_key: int = 64,
+                d_emb: int | None = None, feature_options: dict | None = None,
+                rule_options: dict | None = None) -> RetrievalModel:
+    """Any feature map with any update rule; feature_map "softmax" is the attention baseline."""
+    from models.feature_maps import build_feature_map
+    from models.rules import build_rule
+
+    if feature_map == "softmax":
+        if rule != "sum":
+            raise ValueError("the softmax baseline has no update rule: use --rule sum")
+        if feature_options:
+            raise ValueError(f"softmax takes no feature-map options, got {sorted(feature_options)}")
+        return RetrievalModel(num_pairs, SoftmaxMemory(d_key), d_key, d_emb)
+    phi = build_feature_map(feature_map, d_key, **(feature_options or {}))
+    update_rule = build_rule(rule, phi.d_dot, num_pairs, **(rule_options or {}))
+    memory = FastWeightMemory(phi, update_rule)
+    return RetrievalModel(num_pairs, memory, d_key, d_emb, uses_beta=update_rule.uses_beta)

@@ -1,0 +1,66 @@
+"""The sum rule: linear attention as a fast weight programmer (Katharopoulos et al. 2020,
+arXiv 2006.16236; Schlag et al. 2021, arXiv 2102.11174, eqs. 5-8).
+
+    S_t = S_{t-1} + phi(k_t) v_t^T,        z_t = z_{t-1} + phi(k_t)
+    o_t = S_t^T phi(q_t) / (z_t . phi(q_t) + eps)      (attention normaliser, optional)
+
+Recurrent form (a loop over t) and parallel form (causally masked attention) are equal; the
+memory of a whole sequence is S_L = K^T V.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.rules.base import UpdateRule
+
+EPS = 1e-6
+
+
+def linear_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, normalise: bool = True,
+                               eps: float = EPS):
+    """Reference loop. q, k [B, L, D_k], v [B, L, D_v] -> (o [B, L, D_v], (S [B, D_k, D_v], z [B, D_k]))."""
+    S = k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
+    z = k.new_zeros(k.shape[0], k.shape[2])
+    outputs = []
+    for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1)):
+        S = S + k_t[:, :, None] * v_t[:, None, :]
+        z = z + k_t
+        o_t = torch.einsum("bk,bkv->bv", q_t, S)
+        if normalise:
+            o_t = o_t / ((z * q_t).sum(-1, keepdim=True) + eps)
+        outputs.append(o_t)
+    return torch.stack(outputs, dim=1), (S, z)
+
+
+def linear_attention_parallel(q: Tensor, k: Tensor, v: Tensor, normalise: bool = True,
+                              eps: float = EPS):
+    """Parallel form: o = tril(Q K^T) V (/ row sums). Same shapes as the recurrent form."""
+    scores = torch.einsum("bik,bjk->bij", q, k).tril()               # [B, L, L], causal incl. t
+    o = scores @ v
+    if normalise:
+        o = o / (scores.sum(-1, keepdim=True) + eps)
+    return o, (k.transpose(1, 2) @ v, k.sum(dim=1))
+
+
+class SumRule(UpdateRule):
+    """W = sum_t v_t phi(k_t)^T; read with the attention normaliser by default."""
+
+    name = "sum"
+
+    def __init__(self, d_key: int, d_value: int, normaliser: bool = True):
+        super().__init__(d_key, d_value)
+        self.normaliser = bool(normaliser)
+
+    def write(self, k, v, beta=None):
+        return k.transpose(1, 2) @ v, k.sum(dim=1)                     # [B, D_k, D_v], [B, D_k]
+
+    def read(self, state, q):
+        S, z = state
+        o = q @ S                                                     # [B, Q, D_v]
+        if self.normaliser:
+            o = o / ((q @ z[:, :, None]) + EPS)
+        return o
+
+    def extra_repr(self) -> str:
+        return f"normaliser={self.normaliser}"

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Command line of the fast-weight retrieval suite.
+
+    python run_retrieval.py train --setting capacity --keys 20 --feature-map dpfp --nu 1 --rule sum
+    python run_retrieval.py list
+
+Bad input gets a one-line error and exit status 2; the store is never touched by a run that
+cannot start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_STORE = "results/retrieval.sqlite"
+
+
+class UsageError(Exception):
+    """Bad input: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="run_retrieval.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = commands.add_parser("train", help="train one model and store the run")
+    train.add_argument("--setting", choices=("capacity", "overwrite"), default=None,
+                       help="capacity (Setting 1, L = S) or overwrite (Setting 2, L = 2S)")
+    train.add_argument("--keys", "-S", type=int, default=None, help="number of pairs S")
+    train.add_argument("--preset", default=None,
+                       help="a named model preset (see `list`); explicit flags override it")
+    train.add_argument("--feature-map", default=None,
+                       help="registry name, softmax, package.module:Class or path/file.py:Class")
+    train.add_argument("--nu", type=int, default=None, help="DPFP order nu")
+    train.add_argument("--features", "-m", type=int, default=None, help="FAVOR+ random features m")
+    train.add_argument("--redraw", choices=("per_call", "fixed"), default=None,
+                       help="FAVOR+ redraw policy (default per_call, as the paper)")
+    train.add_argument("--feature-option", action="append", default=[], metavar="NAME=JSON",
+                       help="any other feature-map constructor option, e.g. --feature-option eps=0.1")
+    train.add_argument("--rule", default=None, help="update rule: sum, delta, fwm")
+    train.add_argument("--no-normaliser", action="store_true",
+                       help="sum rule without the attention denominator")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--protocol", choices=("paper", "clean"), default=None)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--d-key", type=int, default=None)
+    train.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store ({DEFAULT_STORE})")
+    train.add_argument("--force", action="store_true", help="re-run and replace a stored run")
+    train.add_argument("--no-store", action="store_true", help="do not write the result")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch threads (results are bitwise reproducible for a fixed count)")
+
+    commands.add_parser("list", help="feature maps, update rules, settings and presets")
+
+    demo = commands.add_parser("demo", help="a few short runs that show capacity and overwriting")
+    demo.add_argument("--store", default=DEFAULT_STORE)
+    return parser
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--feature-option needs NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
+def config_from_args(args):
+    from training.config import ConfigError, RunConfig
+    from training.presets import MODEL_PRESETS
+
+    fields: dict = {}
+    if args.preset is not None:
+        if args.preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+        fields.update(json.loads(json.dumps(MODEL_PRESETS[args.preset])))
+    if args.feature_map is not None and args.feature_map != fields.get("feature_map"):
+        fields["feature_options"] = {}
+    flags = {"setting": args.setting, "num_pairs": args.keys, "feature_map": args.feature_map,
+             "rule": args.rule, "seed": args.seed, "protocol": args.protocol,
+             "max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size,
+             "d_key": args.d_key}
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    if "num_pairs" not in fields:
+        raise ConfigError("--keys S is required")
+    if "feature_map" not in fields:
+        raise ConfigError("--feature-map (or --preset) is required")
+    options = dict(fields.get("feature_options", {}))
+    for flag, name in ((args.nu, "nu"), (args.features, "m"), (args.redraw, "redraw")):
+        if flag is not None:
+            options[name] = flag
+    options.update(parse_option(text) for text in args.feature_option)
+    fields["feature_options"] = options
+    if args.no_normaliser:
+        fields["rule_options"] = {**fields.get("rule_options", {}), "normaliser": False}
+    return RunConfig.from_dict(fields).validate()
+
+
+def command_train(args) -> int:
+    from training.store import ResultsStore
+    from training.trainer import summary_line, train
+
+    config = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    store = None
+    if not args.no_store:
+        store = ResultsStore(args.store)  # opened (and checked) before training starts
+        if store.has_run(config.run_id) and not args.force:
+            print(f"run {config.run_id} is already in {args.store}: "
+                  + summary_line({**store.get_run(config.run_id), "config": None}))
+            print("(use --force to run it again and replace it)")
+            return 0
+    result = train(config, progress=not args.quiet)
+    print(summary_line(result))
+    if store is not None:
+        store.put_run(result, replace=args.force)
+        store.close()
+        print(f"stored in {args.store}")
+    return 0 if result["status"] != "failed" else 1
+
+
+def command_list(args) -> int:
+    from models.feature_maps import FEATURE_MAPS, build_feature_map
+    from models.rules import UPDATE_RULES
+    from training.presets import MODEL_PRESETS
+
+    d_key = 64
+    print(f"feature maps (d_dot for d_key = {d_key}):")
+    print(f"  {'softmax':<10} no fixed-size state (softmax attention baseline; --rule sum)")
+    examples = {"dpfp": [{"nu": n} for n in (1, 2, 3)], "favor": [{"m": m} for m in (64, 128, 512)]}
+    for name, cls in FEATURE_MAPS.items():
+        for options in examples.get(name, [{}]):
+            phi = build_feature_map(name, d_key, **options)
+            opts = " ".join(f"--{'features' if k == 'm' else k} {v}" for k, v in options.items())
+            flags = ", ".join(f for f, on in (("non-negative", phi.nonnegative), ("random", phi.random)) if on)
+            print(f"  {name:<10} {opts:<14} d_dot = {phi.d_dot:<4} {flags}")
+    print("  (or your own class: --feature-map package.module:Class or path/to/file.py:Class)")
+    print("update rules:")
+    for name, cls in UPDATE_RULES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<10} {doc}")
+    print("settings:")
+    print("  capacity   Setting 1: S distinct keys and values, L = S")
+    print("  overwrite  Setting 2: keys and values with replacement, L = 2S, last value wins")
+    print("model presets (train --preset NAME):")
+    for name, fields in MODEL_PRESETS.items():
+        print(f"  {name:<18} {json.dumps(fields)}")
+    return 0
+
+
+def command_demo(args) -> int:
+    from training.config import RunConfig
+    from training.store import ResultsStore
+    from training.trainer import summary_line, train
+
+    runs = [RunConfig(setting="capacity", num_pairs=20, feature_map="dpfp", feature_options={"nu": 1}),
+            RunConfig(setting="capacity", num_pairs=80, feature_map="linear", max_steps=3000),
+            RunConfig(setting="capacity", num_pairs=80, feature_map="dpfp", feature_options={"nu": 1},
+                      max_steps=3000),
+            RunConfig(setting="overwrite", num_pairs=20, feature_map="dpfp", feature_options={"nu": 1},
+                      rule="sum", max_steps=2000),
+            RunConfig(setting="overwrite", num_pairs=20, feature_map="dpfp", feature_options={"nu": 1},
+                      rule="delta", max_steps=2000)]
+    with ResultsStore(args.store) as store:
+        for config in runs:
+            result = (store.get_run(config.run_id) if store.has_run(config.run_id) else None)
+            if result is None:
+                result = train(config.validate(), progress=True)
+                store.put_run(result)
+            print(summary_line(result))
+    print(f"store: {args.store}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from training.config import ConfigError
+    from training.store import StoreError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": command_train, "list": command_list, "demo": command_demo}[args.command](args)
+    except (UsageError, ConfigError, StoreError) as error:
+        print(f"run_retrieval.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("run_retrieval.py: interrupted; finished runs are in the store", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training protocol, run configuration, presets and the SQLite results store."""

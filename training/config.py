@@ -1,0 +1,104 @@
+"""One training run, fully described: every constant of the paper's protocol is a visible default.
+
+A ``RunConfig`` is data: it round-trips through JSON, rejects unknown fields, validates itself,
+and its canonical JSON (with the seed) gives the stable run id used by the results store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from tasks.associative import SETTINGS
+from tasks.evaluation import PROTOCOLS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; its message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # task
+    setting: str = "capacity"            # "capacity" (Setting 1) or "overwrite" (Setting 2)
+    num_pairs: int = 20                  # S
+    # model
+    feature_map: str = "linear"          # registry name, "softmax", or module:Class
+    feature_options: dict = field(default_factory=dict)   # e.g. {"nu": 2}, {"m": 128}
+    rule: str = "sum"
+    rule_options: dict = field(default_factory=dict)
+    d_key: int = 64
+    d_emb: int | None = None             # None: int(2.2 S), as the original code
+    # optimisation (the paper's protocol)
+    lr: float = 1e-3                     # Adam, PyTorch defaults otherwise
+    batch_size: int = 32
+    max_steps: int = 100_000
+    eval_every: int = 100
+    eval_sequences: int = 20
+    stop_loss: float = 1e-3              # stop once the eval loss is <= this
+    patience: int = 11                   # stop after this many evaluations without a new best
+    protocol: str = "paper"              # "paper" or "clean" evaluation (tasks/evaluation.py)
+    seed: int = 0
+
+    def validate(self) -> "RunConfig":
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"unknown setting {self.setting!r}; choose from {', '.join(SETTINGS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        positive = {"num_pairs": 2, "d_key": 1, "batch_size": 1, "max_steps": 1, "eval_every": 1,
+                    "eval_sequences": 1, "patience": 1}
+        for name, low in positive.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                label = "S (--keys)" if name == "num_pairs" else name
+                raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+        if self.d_emb is not None and (not isinstance(self.d_emb, int) or self.d_emb < 1):
+            raise ConfigError(f"d_emb must be a positive integer or null, got {self.d_emb!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        # Building the model checks the feature map, the rule and their options.
+        try:
+            from models.retrieval import build_model
+            build_model(self.num_pairs, self.feature_map, self.rule, self.d_key, self.d_emb,
+                        self.feature_options, self.rule_options)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "RunConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        """Stable id of (config, seed): the same run always gets the same id."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    @property
+    def model_label(self) -> str:
+        """A short name a researcher recognises, e.g. "DPFP-2 delta", "FAVOR+ 64 sum"."""
+        options = self.feature_options
+        if self.feature_map == "softmax":
+            return "Softmax"
+        names = {"linear": "Linear", "dpfp": f"DPFP-{options.get('nu', 1)}",
+                 "favor": f"FAVOR+ {options.get('m', 64)}", "tanh": "tanh", "identity": "Identity"}
+        name = names.get(self.feature_map, self.feature_map.rpartition(":")[2] or self.feature_map)
+        extra = "".join(f" {k}={v}" for k, v in sorted(options.items())
+                        if self.feature_map not in ("dpfp", "favor") or k not in ("nu", "m"))
+        return f"{name}{extra} {self.rule}"
