@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 DEFAULT_STORE = "results/retrieval.sqlite"
 
@@ -60,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads (results are bitwise reproducible for a fixed count)")
 
     commands.add_parser("list", help="feature maps, update rules, settings and presets")
+
+    sweep = commands.add_parser("sweep", help="run a preset or spec-file sweep, resumably")
+    source = sweep.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="paper-setting1, paper-setting2, quick, ...")
+    source.add_argument("--spec", help="a TOML sweep spec (see training/sweep.py:load_spec)")
+    sweep.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 1, or the spec's)")
+    sweep.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local")
+    sweep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    sweep.add_argument("--store", default=DEFAULT_STORE)
+    sweep.add_argument("--log", default=None, help="also append the per-run status lines to this file")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--dry-run", action="store_true", help="list the pending runs, run nothing")
 
     demo = commands.add_parser("demo", help="a few short runs that show capacity and overwriting")
     demo.add_argument("--store", default=DEFAULT_STORE)
@@ -163,6 +177,52 @@ def command_list(args) -> int:
     return 0
 
 
+def load_sweep(args):
+    from training.sweep import load_spec, preset_sweep
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.preset is not None:
+        return preset_sweep(args.preset, args.seeds or 1)
+    return load_spec(args.spec, args.seeds)
+
+
+def command_sweep(args) -> int:
+    from tqdm.auto import tqdm
+
+    from training.store import ResultsStore
+    from training.sweep import pending_runs, run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    sweep = load_sweep(args)
+    for config in sweep.runs:      # every run checked before anything starts
+        config.validate()
+    log_file = open(args.log, "a") if args.log else None
+
+    def log(line: str) -> None:
+        tqdm.write(line)
+        if log_file:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    with ResultsStore(args.store) as store:
+        if args.dry_run:
+            pending = pending_runs(sweep, store)
+            print(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(pending)} not yet in {args.store}")
+            for config in pending:
+                print(f"  {config.model_label} {config.setting} S={config.num_pairs} seed={config.seed}")
+            return 0
+        start = time.perf_counter()
+        counts = run_sweep(sweep, store, args.workers, args.backend, args.ray_address,
+                           progress=not args.quiet, log=log)
+    log(f"sweep {sweep.name} complete: {counts['ran']} ran ({counts['failed']} failed), "
+        f"{counts['already_done']} were already stored, {time.perf_counter() - start:.0f} s; "
+        f"store: {args.store}")
+    if log_file:
+        log_file.close()
+    return 0 if counts["failed"] == 0 else 1
+
+
 def command_demo(args) -> int:
     from training.config import RunConfig
     from training.store import ResultsStore
@@ -193,7 +253,8 @@ def main(argv=None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": command_train, "list": command_list, "demo": command_demo}[args.command](args)
+        return {"train": command_train, "list": command_list, "sweep": command_sweep,
+                "demo": command_demo}[args.command](args)
     except (UsageError, ConfigError, StoreError) as error:
         print(f"run_retrieval.py: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,140 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from training.config import ConfigError
+from training.store import ResultsStore
+from training.sweep import load_spec, pending_runs, preset_sweep, run_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_SPEC = """
+name = "tiny"
+settings = ["capacity"]
+num_pairs = [6, 8]
+seeds = 2
+[defaults]
+max_steps = {steps}
+eval_every = 50
+[[models]]
+preset = "linear"
+[[models]]
+feature_map = "dpfp"
+feature_options = {{ nu = 1 }}
+rule = "delta"
+"""
+
+
+def write_spec(tmp_path, steps=100, text=None):
+    path = tmp_path / "spec.toml"
+    path.write_text(text if text is not None else TINY_SPEC.format(steps=steps))
+    return path
+
+
+def test_paper_presets_have_the_published_run_counts():
+    one = preset_sweep("paper-setting1")
+    assert len(one.runs) == 240 and len({c.run_id for c in one.runs}) == 240
+    assert {c.model_label for c in one.runs} == {
+        "Softmax", "Linear sum", "DPFP-1 sum", "DPFP-2 sum", "DPFP-3 sum",
+        "FAVOR+ 64 sum", "FAVOR+ 128 sum", "FAVOR+ 512 sum"}
+    assert sorted({c.num_pairs for c in one.runs}) == list(range(20, 601, 20))
+    two = preset_sweep("paper-setting2")
+    assert len(two.runs) == 80 and {c.setting for c in two.runs} == {"overwrite"}
+    tanh = [c for c in two.runs if c.feature_map == "tanh"]
+    assert tanh and all(c.lr == 1e-4 and c.batch_size == 128 and c.rule == "fwm" for c in tanh)
+    assert len(preset_sweep("quick", num_seeds=3).runs) == 3 * len(preset_sweep("quick").runs)
+
+
+def test_spec_expands_and_rejects_unknown_fields(tmp_path):
+    sweep = load_spec(write_spec(tmp_path))
+    assert len(sweep.runs) == 2 * 2 * 2
+    assert all(c.max_steps == 100 for c in sweep.runs)
+    bad = [("nmodels = 1\n[[models]]\npreset = 'linear'\n", "unknown field"),
+           ("num_pairs = [8]\n[[models]]\npreset = 'linear'\nlearning_rate = 0.1\n", "unknown config field"),
+           ("num_pairs = [8]\n[[models]]\nfeature_map = 'nope'\n", "unknown feature map"),
+           ("num_pairs = [8]\n[[models]]\npreset = 'nope'\n", "unknown model preset"),
+           ("num_pairs = [1]\n[[models]]\npreset = 'linear'\n", "must be an integer >= 2"),
+           ("this is = not toml [", "not valid TOML")]
+    for text, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            sweep = load_spec(write_spec(tmp_path, text=text))
+            for config in sweep.runs:
+                config.validate()
+
+
+def test_sweep_resumes_without_duplicates(tmp_path):
+    store_path = tmp_path / "r.sqlite"
+    sweep = load_spec(write_spec(tmp_path, steps=50))
+    with ResultsStore(store_path) as store:
+        # pretend an earlier sweep finished two runs
+        first_two = type(sweep)(sweep.name, sweep.runs[:2])
+        assert run_sweep(first_two, store, workers=1, progress=False)["ran"] == 2
+        assert len(pending_runs(sweep, store)) == len(sweep.runs) - 2
+        counts = run_sweep(sweep, store, workers=2, progress=False)
+        assert counts["ran"] == len(sweep.runs) - 2 and counts["already_done"] == 2
+        assert store.run_ids() == {c.run_id for c in sweep.runs}
+        assert run_sweep(sweep, store, workers=2, progress=False)["ran"] == 0
+
+
+def cli_sweep(spec, store, *extra, **popen):
+    command = [sys.executable, os.path.join(ROOT, "run_retrieval.py"), "sweep", "--spec", str(spec),
+               "--store", str(store), "--quiet", *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **popen)
+
+
+def test_kill_9_mid_sweep_then_resume_completes_exactly_once(tmp_path):
+    spec = write_spec(tmp_path, steps=400)
+    store_path = tmp_path / "r.sqlite"
+    expected = {c.run_id for c in load_spec(spec).runs}
+    sweep = cli_sweep(spec, store_path, "--workers", "2")
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and sweep.poll() is None:
+        if store_path.exists():
+            with ResultsStore(store_path) as store:
+                done = store.count()
+            if done >= 1:
+                break
+        time.sleep(0.2)
+    assert 1 <= done < len(expected), "the sweep should be interrupted part-way"
+    os.killpg(sweep.pid, signal.SIGKILL)        # the driver and its workers, mid-run
+    sweep.wait()
+    with ResultsStore(store_path) as store:
+        assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        before = store.run_ids()
+    assert before < expected
+    resumed = cli_sweep(spec, store_path, "--workers", "2")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{len(before)} already in the store" in out
+    with ResultsStore(store_path) as store:
+        assert store.run_ids() == expected
+        rows = store.conn.execute("SELECT run_id, COUNT(*) FROM runs GROUP BY run_id").fetchall()
+        assert all(count == 1 for _, count in rows)
+
+
+def test_bad_spec_exits_2_before_touching_the_store(tmp_path):
+    spec = write_spec(tmp_path, text="num_pairs = [8]\n[[models]]\nfeature_map = 'nope'\n")
+    store_path = tmp_path / "r.sqlite"
+    process = cli_sweep(spec, store_path)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and len(err.strip().splitlines()) == 1
+    assert not store_path.exists()
+
+
+def test_ray_backend_runs_into_the_same_store(tmp_path):
+    pytest.importorskip("ray")
+    spec = write_spec(tmp_path, steps=50)
+    store_path = tmp_path / "r.sqlite"
+    process = cli_sweep(spec, store_path, "--backend", "ray",
+                        env={**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"})
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    with ResultsStore(store_path) as store:
+        assert store.run_ids() == {c.run_id for c in load_spec(spec).runs}
+    assert "complete: 8 ran" in out

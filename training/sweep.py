@@ -1,0 +1,283 @@
+"""Sweeps: many runs described as data, executed resumably into one results store.
+
+A sweep is a list of RunConfigs. It comes from a built-in preset (``SWEEP_PRESETS``) or from a
+small TOML spec file (see ``load_spec``). Execution is resumable by construction: each run's id
+is a hash of its config and seed, the store has one row per id, and a run is written in a single
+transaction only when it has finished. A sweep killed at any moment (Ctrl-C, kill -9, power
+loss) and started again runs exactly the runs that are not in the store.
+
+Backends: local worker processes (default; one torch thread each when several run) or Ray
+tasks on a Ray cluster (``backend="ray"``); either way the driver alone writes the store.
+"""
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from training.config import ConfigError, RunConfig
+from training.presets import MODEL_PRESETS
+from training.store import ResultsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Sweep:
+    name: str
+    runs: list[RunConfig]
+    description: str = ""
+
+
+def model_fields(entry: dict) -> dict:
+    """A model entry of a spec or preset: an optional named preset plus explicit fields."""
+    entry = dict(entry)
+    fields = {}
+    preset = entry.pop("preset", None)
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+        fields.update(MODEL_PRESETS[preset])
+    if "feature_map" in entry and entry["feature_map"] != fields.get("feature_map"):
+        fields["feature_options"] = {}
+    fields.update(entry)
+    return fields
+
+
+def expand(models: Iterable[dict], settings: Iterable[str], num_pairs: Iterable[int],
+           seeds: Iterable[int], defaults: dict | None = None) -> list[RunConfig]:
+    """The cross product models x settings x S x seeds, each run validated."""
+    runs = []
+    for entry in models:
+        fields = model_fields(entry)
+        entry_settings = [fields.pop("setting")] if "setting" in fields else list(settings)
+        entry_pairs = fields.pop("num_pairs", None)
+        entry_pairs = list(num_pairs) if entry_pairs is None else (
+            entry_pairs if isinstance(entry_pairs, list) else [entry_pairs])
+        for setting in entry_settings:
+            for S in entry_pairs:
+                for seed in seeds:
+                    config = RunConfig.from_dict({**(defaults or {}), **fields, "setting": setting,
+                                                  "num_pairs": S, "seed": seed})
+                    runs.append(config)
+    return runs
+
+
+# --- built-in sweeps ------------------------------------------------------------------------
+PAPER_SETTING1_MODELS = ["softmax", "linear", "dpfp1", "dpfp2", "dpfp3", "favor64", "favor128", "favor512"]
+PAPER_SETTING2_MODELS = ["dpfp1", "dpfp1-delta", "dpfp2-delta", "linear-delta", "schlag2021-tanh",
+                         "schlag2021-dpfp1", "favor64-delta", "favor128-delta"]
+QUICK_MAX_STEPS = 3000
+
+
+def paper_setting1(seeds) -> list[RunConfig]:
+    """Figure 2: 8 models x S = 20, 40, ..., 600 on the capacity setting (240 runs per seed)."""
+    return expand([{"preset": m} for m in PAPER_SETTING1_MODELS], ["capacity"],
+                  range(20, 601, 20), seeds)
+
+
+def paper_setting2(seeds) -> list[RunConfig]:
+    """Setting 2 comparison: 8 models x S = 20, 40, ..., 200 on the overwrite setting (80 runs)."""
+    return expand([{"preset": m} for m in PAPER_SETTING2_MODELS], ["overwrite"],
+                  range(20, 201, 20), seeds)
+
+
+def quick(seeds) -> list[RunConfig]:
+    """Minutes on a laptop: the capacity knee of Linear (d_dot 64) and DPFP-1 (d_dot 128), and
+    delta vs sum on the overwrite setting at S = 20. Runs are capped at 3000 steps."""
+    cap = {"max_steps": QUICK_MAX_STEPS}
+    return (expand([{"preset": "linear"}, {"preset": "dpfp1"}], ["capacity"],
+                   range(20, 161, 20), seeds, cap)
+            + expand([{"preset": "dpfp1"}, {"preset": "dpfp1-delta"}], ["overwrite"], [20], seeds, cap))
+
+
+SWEEP_PRESETS: dict[str, Callable] = {
+    "paper-setting1": paper_setting1,
+    "paper-setting2": paper_setting2,
+    "quick": quick,
+}
+
+
+def preset_sweep(name: str, num_seeds: int = 1) -> Sweep:
+    if name not in SWEEP_PRESETS:
+        raise ConfigError(f"unknown sweep preset {name!r}; choose from {', '.join(SWEEP_PRESETS)}")
+    if num_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {num_seeds}")
+    build = SWEEP_PRESETS[name]
+    return Sweep(name, build(range(num_seeds)), (build.__doc__ or "").strip())
+
+
+# --- spec files -----------------------------------------------------------------------------
+SPEC_FIELDS = {"name", "description", "settings", "num_pairs", "seeds", "defaults", "models"}
+
+
+def load_spec(path: str | os.PathLike, num_seeds: int | None = None) -> Sweep:
+    """A sweep from a TOML file::
+
+        name = "my-sweep"
+        settings = ["capacity"]                         # or ["capacity", "overwrite"]
+        num_pairs = [20, 40, 60]                        # or {start = 20, stop = 200, step = 20}
+        seeds = 3                                       # 0, 1, 2 (or an explicit list)
+        [defaults]                                      # any RunConfig field, for every run
+        max_steps = 5000
+        [[models]]
+        preset = "dpfp1"                                # a model preset (see `list`) ...
+        [[models]]
+        feature_map = "dpfp"                            # ... or explicit fields
+        feature_options = { nu = 2 }
+        rule = "delta"
+        num_pairs = [20, 40]                            # a model may override S, setting
+
+    Unknown fields anywhere are an error.
+    """
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep spec {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"sweep spec {path} is not valid TOML ({error})") from None
+    unknown = sorted(set(spec) - SPEC_FIELDS)
+    if unknown:
+        raise ConfigError(f"sweep spec {path}: unknown field(s) {', '.join(unknown)}")
+    if not spec.get("models"):
+        raise ConfigError(f"sweep spec {path}: no [[models]]")
+    num_pairs = spec.get("num_pairs", [])
+    if isinstance(num_pairs, dict):
+        extra = sorted(set(num_pairs) - {"start", "stop", "step"})
+        if extra:
+            raise ConfigError(f"sweep spec {path}: num_pairs takes start, stop, step; not {', '.join(extra)}")
+        num_pairs = list(range(num_pairs["start"], num_pairs["stop"] + 1, num_pairs.get("step", 1)))
+    seeds = spec.get("seeds", 1) if num_seeds is None else num_seeds
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    defaults = spec.get("defaults", {})
+    try:
+        runs = expand(spec["models"], spec.get("settings", ["capacity"]), num_pairs, seeds, defaults)
+    except (KeyError, TypeError) as error:
+        raise ConfigError(f"sweep spec {path}: {error}") from None
+    if not runs:
+        raise ConfigError(f"sweep spec {path} describes no runs (empty num_pairs or seeds?)")
+    return Sweep(spec.get("name", path.stem), runs, spec.get("description", ""))
+
+
+# --- execution ------------------------------------------------------------------------------
+def _worker_init(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def run_config(config_dict: dict) -> dict:
+    """Train one run in a worker (local process or Ray task) and return its record."""
+    from training.trainer import train
+    return train(RunConfig.from_dict(config_dict), progress=False)
+
+
+def pending_runs(sweep: Sweep, store: ResultsStore) -> list[RunConfig]:
+    """The sweep's runs not yet in the store, each once, largest first (better load balance)."""
+    done = store.run_ids()
+    unique = {c.run_id: c for c in sweep.runs if c.run_id not in done}
+    cost = lambda c: c.num_pairs * (2 if c.setting == "overwrite" else 1) * c.batch_size
+    return sorted(unique.values(), key=cost, reverse=True)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, backend: str = "local",
+              ray_address: str | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Run every pending run of the sweep; returns counts. Results are stored as they finish."""
+    from tqdm.auto import tqdm
+
+    from training.trainer import summary_line
+
+    for config in sweep.runs:
+        config.validate()
+    total = len({c.run_id for c in sweep.runs})
+    pending = pending_runs(sweep, store)
+    workers = workers or default_workers()
+    counts = {"total": total, "already_done": total - len(pending), "ran": 0, "failed": 0}
+    if log:
+        where = f"{workers} local workers" if backend == "local" else "ray"
+        log(f"sweep {sweep.name}: {total} runs, {counts['already_done']} already in the store, "
+            f"{len(pending)} to run on {where}")
+    if not pending:
+        return counts
+    bar = tqdm(total=total, initial=counts["already_done"], desc=sweep.name, unit="run",
+               disable=not progress, smoothing=0.05)
+
+    def finished(result: dict) -> None:
+        store.put_run(result)
+        counts["ran"] += 1
+        counts["failed"] += result["status"] == "failed"
+        bar.update(1)
+        if log:
+            log(f"[{counts['already_done'] + counts['ran']}/{total}] {summary_line(result)}")
+
+    try:
+        if backend == "local":
+            _run_local(pending, workers, finished)
+        elif backend == "ray":
+            _run_ray(pending, ray_address, finished)
+        else:
+            raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
+    finally:
+        bar.close()
+    return counts
+
+
+def _run_local(pending: list[RunConfig], workers: int, finished) -> None:
+    if workers == 1:
+        for config in pending:
+            finished(run_config(config.to_dict()))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(1,)) as pool:
+        futures = [pool.submit(run_config, config.to_dict()) for config in pending]
+        try:
+            for future in as_completed(futures):
+                finished(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _run_ray(pending: list[RunConfig], address: str | None, finished) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install 'ray>=2.9'") from None
+    if not ray.is_initialized():
+        # The repository travels to every node as the job's working directory.
+        runtime_env = {"working_dir": str(ROOT),
+                       "excludes": [".venv/", ".git/", "results/", "**/__pycache__/", "*.sqlite*"]}
+        try:
+            ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {error}") from None
+
+    @ray.remote(num_cpus=1)
+    def ray_run(config_dict: dict) -> dict:
+        _worker_init(1)
+        return run_config(config_dict)
+
+    remaining = [ray_run.remote(config.to_dict()) for config in pending]
+    try:
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            finished(ray.get(ready[0]))
+    except BaseException:
+        for ref in remaining:
+            ray.cancel(ref, force=True)
+        raise
