@@ -138,3 +138,10 @@ def test_ray_backend_runs_into_the_same_store(tmp_path):
     with ResultsStore(store_path) as store:
         assert store.run_ids() == {c.run_id for c in load_spec(spec).runs}
     assert "complete: 8 ran" in out
+
+
+def test_update_rules_preset_compares_four_rules_on_both_settings():
+    sweep = preset_sweep("update-rules")
+    assert {c.rule for c in sweep.runs} == {"sum", "delta", "fwm", "fwl"}
+    assert {c.setting for c in sweep.runs} == {"capacity", "overwrite"}
+    assert len(sweep.runs) == 4 * 2 * 10

@@ -17,6 +17,7 @@ MODEL_PRESETS: dict[str, dict] = {
     "favor64": {"feature_map": "favor", "feature_options": {"m": 64}, "rule": "sum"},
     "favor128": {"feature_map": "favor", "feature_options": {"m": 128}, "rule": "sum"},
     "favor512": {"feature_map": "favor", "feature_options": {"m": 512}, "rule": "sum"},
+    "dpfp1-fwl": {"feature_map": "dpfp", "feature_options": {"nu": 1}, "rule": "fwl"},
     "favor64-delta": {"feature_map": "favor", "feature_options": {"m": 64}, "rule": "delta"},
     "favor128-delta": {"feature_map": "favor", "feature_options": {"m": 128}, "rule": "delta"},
     # Schlag, Munkhdalai & Schmidhuber (2021) FWM. The tanh variant needed its own learning

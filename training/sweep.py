@@ -94,10 +94,20 @@ def quick(seeds) -> list[RunConfig]:
             + expand([{"preset": "dpfp1"}, {"preset": "dpfp1-delta"}], ["overwrite"], [20], seeds, cap))
 
 
+UPDATE_RULE_MODELS = ["dpfp1", "dpfp1-delta", "schlag2021-dpfp1", "dpfp1-fwl"]
+
+
+def update_rules(seeds) -> list[RunConfig]:
+    """sum, delta, fwm and fwl (all with DPFP-1 keys) on both settings, S = 20, 40, ..., 200."""
+    return expand([{"preset": m} for m in UPDATE_RULE_MODELS], ["capacity", "overwrite"],
+                  range(20, 201, 20), seeds)
+
+
 SWEEP_PRESETS: dict[str, Callable] = {
     "paper-setting1": paper_setting1,
     "paper-setting2": paper_setting2,
     "quick": quick,
+    "update-rules": update_rules,
 }
 
 

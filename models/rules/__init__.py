@@ -1,6 +1,7 @@
 """Update rules: how a fast weight programmer writes its memory. Registry: name -> class."""
 from models.rules.base import UpdateRule
 from models.rules.delta import DeltaRule, delta_rule_chunkwise, delta_rule_recurrent
+from models.rules.fwl import FWLRule, fwl_rule_parallel, fwl_rule_recurrent
 from models.rules.fwm import FWMRule, fwm_recurrent, fwm_scaled
 from models.rules.sum import SumRule, linear_attention_parallel, linear_attention_recurrent
 
@@ -8,6 +9,7 @@ UPDATE_RULES: dict[str, type[UpdateRule]] = {
     "sum": SumRule,
     "delta": DeltaRule,
     "fwm": FWMRule,
+    "fwl": FWLRule,
 }
 
 
@@ -23,5 +25,6 @@ def build_rule(name: str, d_key: int, d_value: int, **options) -> UpdateRule:
 __all__ = [
     "UPDATE_RULES", "UpdateRule", "build_rule", "SumRule", "DeltaRule", "FWMRule",
     "linear_attention_recurrent", "linear_attention_parallel", "delta_rule_recurrent",
-    "delta_rule_chunkwise", "fwm_recurrent", "fwm_scaled",
+    "delta_rule_chunkwise", "fwm_recurrent", "fwm_scaled", "FWLRule", "fwl_rule_parallel",
+    "fwl_rule_recurrent",
 ]
