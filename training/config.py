@@ -14,6 +14,9 @@ from tasks.associative import SETTINGS
 from tasks.evaluation import PROTOCOLS
 
 
+TASK_SETTINGS = SETTINGS + ("mqar",)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; its message is one line for the user."""
 
@@ -21,8 +24,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     # task
-    setting: str = "capacity"            # "capacity" (Setting 1) or "overwrite" (Setting 2)
-    num_pairs: int = 20                  # S
+    setting: str = "capacity"            # "capacity" (Setting 1), "overwrite" (Setting 2), "mqar"
+    num_pairs: int = 20                  # S (mqar: the number of key-value pairs N)
+    task_options: dict = field(default_factory=dict)      # mqar: vocab_size, seq_len, power_a, ...
     # model
     feature_map: str = "linear"          # registry name, "softmax", or module:Class
     feature_options: dict = field(default_factory=dict)   # e.g. {"nu": 2}, {"m": 128}
@@ -42,8 +46,10 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> "RunConfig":
-        if self.setting not in SETTINGS:
-            raise ConfigError(f"unknown setting {self.setting!r}; choose from {', '.join(SETTINGS)}")
+        if self.setting not in TASK_SETTINGS:
+            raise ConfigError(f"unknown setting {self.setting!r}; choose from {', '.join(TASK_SETTINGS)}")
+        if self.setting != "mqar" and self.task_options:
+            raise ConfigError(f"the {self.setting} setting takes no task options, got {sorted(self.task_options)}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
         positive = {"num_pairs": 2, "d_key": 1, "batch_size": 1, "max_steps": 1, "eval_every": 1,
@@ -59,11 +65,10 @@ class RunConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        # Building the model checks the feature map, the rule and their options.
+        # Building the task and the model checks every option, the feature map and the rule.
         try:
-            from models.retrieval import build_model
-            build_model(self.num_pairs, self.feature_map, self.rule, self.d_key, self.d_emb,
-                        self.feature_options, self.rule_options)
+            from training.trainer import make_task
+            make_task(self).check()
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return self

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
     steps           INTEGER NOT NULL,
     wall_time_s     REAL NOT NULL,
     error           TEXT,
+    metrics         TEXT,
     versions        TEXT NOT NULL,
     created_at      TEXT NOT NULL
 );
@@ -50,8 +51,8 @@ CREATE TABLE IF NOT EXISTS eval_curve (
 
 RUN_COLUMNS = ("run_id", "config", "setting", "num_pairs", "feature_map", "rule", "model", "d_dot",
                "state_size", "protocol", "seed", "status", "solved", "best_eval_loss",
-               "final_eval_loss", "best_step", "steps", "wall_time_s", "error", "versions",
-               "created_at")
+               "final_eval_loss", "best_step", "steps", "wall_time_s", "error", "metrics",
+               "versions", "created_at")
 
 
 class StoreError(RuntimeError):
@@ -150,6 +151,7 @@ class ResultsStore:
         curve = row.pop("curve")
         row["config"] = json.dumps(row["config"], sort_keys=True)
         row["versions"] = json.dumps(row.get("versions") or library_versions(), sort_keys=True)
+        row["metrics"] = json.dumps(row.get("metrics") or {}, sort_keys=True)
         row.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         row.setdefault("error", None)
         values = [row[name] for name in RUN_COLUMNS]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from models.retrieval import RetrievalModel, build_model
 from tasks.associative import sample_batch
+from tasks.mqar import mqar_batch, mqar_eval_set
 from tasks.evaluation import aggregate_eval_loss, evaluation_set
 from training.config import RunConfig
 from training.store import library_versions
@@ -31,40 +32,122 @@ def seed_streams(seed: int, count: int = 4) -> list[int]:
     return [int(s) & ((1 << 63) - 1) for s in states]
 
 
-def make_model(config: RunConfig) -> RetrievalModel:
+def make_model(config: RunConfig) -> torch.nn.Module:
     """The run's model, initialised from the run's seed without touching global RNG state."""
-    init_seed, redraw_seed = seed_streams(config.seed)[2:4]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        model = build_model(config.num_pairs, config.feature_map, config.rule, config.d_key,
-                            config.d_emb, config.feature_options, config.rule_options)
-    model.redraw_generator = torch.Generator().manual_seed(redraw_seed)
-    return model
+    return make_task(config).build_model()
 
 
 @torch.no_grad()
 def evaluate(model: RetrievalModel, config: RunConfig, generator: torch.Generator) -> float:
     """The protocol's evaluation loss on freshly sampled sequences (tasks/evaluation.py)."""
-    was_training = model.training
-    model.eval()
-    batch = evaluation_set(config.setting, config.num_pairs, config.protocol, generator,
-                           config.eval_sequences)
-    losses = model.query_losses(batch)                                     # [N, Q]
-    model.train(was_training)
-    return float(aggregate_eval_loss(losses, batch.query_mask, config.protocol, config.batch_size))
+    return RetrievalTask(config).evaluate(model, generator)[0]
+
+
+class RetrievalTask:
+    """The paper's capacity / overwrite settings: squared loss, protocol-specific evaluation."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    def _build(self):
+        c = self.config
+        return build_model(c.num_pairs, c.feature_map, c.rule, c.d_key, c.d_emb,
+                           c.feature_options, c.rule_options)
+
+    def check(self) -> None:
+        self._build()
+
+    def build_model(self) -> torch.nn.Module:
+        init_seed, redraw_seed = seed_streams(self.config.seed)[2:4]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = self._build()
+        model.redraw_generator = torch.Generator().manual_seed(redraw_seed)
+        return model
+
+    def train_batch(self, generator: torch.Generator):
+        c = self.config
+        return sample_batch(c.setting, c.num_pairs, c.batch_size, generator)
+
+    @torch.no_grad()
+    def evaluate(self, model, generator: torch.Generator) -> tuple[float, dict]:
+        c = self.config
+        was_training = model.training
+        model.eval()
+        batch = evaluation_set(c.setting, c.num_pairs, c.protocol, generator, c.eval_sequences)
+        y = model(batch)                                                       # [N, Q, S]
+        model.train(was_training)
+        losses = 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)      # [N, Q]
+        loss = aggregate_eval_loss(losses, batch.query_mask, c.protocol, c.batch_size)
+        correct = (y.argmax(-1) == batch.targets)[batch.query_mask]
+        return float(loss), {"accuracy": float(correct.float().mean())}
+
+
+class MQARTask(RetrievalTask):
+    """Zoology's multi-query associative recall (tasks/mqar.py) with the same loss and protocol;
+    evaluation reports accuracy per slice (number of pairs)."""
+
+    DEFAULTS = {"vocab_size": 256, "seq_len": 128, "power_a": 0.01, "filler": "noise",
+                "noise_vocab_size": 64, "eval_pairs": None, "eval_examples": 256}
+
+    def __init__(self, config: RunConfig):
+        super().__init__(config)
+        unknown = sorted(set(config.task_options) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown mqar task option(s): {', '.join(unknown)}; "
+                             f"choose from {', '.join(self.DEFAULTS)}")
+        options = {**self.DEFAULTS, **config.task_options}
+        self.eval_pairs = list(options.pop("eval_pairs") or [config.num_pairs])
+        self.eval_examples = options.pop("eval_examples")
+        self.options = options
+
+    def _build(self):
+        from models.mqar import build_mqar_model
+        c = self.config
+        vocab = mqar_batch(1, c.num_pairs, torch.Generator().manual_seed(0), **self.options).vocab_size
+        return build_mqar_model(vocab, c.feature_map, c.rule, c.d_key, c.d_emb,
+                                c.feature_options, c.rule_options)
+
+    def check(self) -> None:
+        for pairs in {self.config.num_pairs, *self.eval_pairs}:
+            mqar_batch(1, pairs, torch.Generator().manual_seed(0), **self.options)
+        self._build()
+
+    def train_batch(self, generator: torch.Generator):
+        return mqar_batch(self.config.batch_size, self.config.num_pairs, generator, **self.options)
+
+    @torch.no_grad()
+    def evaluate(self, model, generator: torch.Generator) -> tuple[float, dict]:
+        was_training = model.training
+        model.eval()
+        total_loss, total_queries, metrics = 0.0, 0, {}
+        for batch in mqar_eval_set(self.eval_pairs, self.eval_examples, generator, **self.options):
+            losses, correct = model.query_losses_and_hits(batch)
+            total_loss += float(losses.sum())
+            total_queries += losses.numel()
+            metrics[f"accuracy/num_kv_pairs={int(batch.num_kv_pairs[0])}"] = float(correct.float().mean())
+        model.train(was_training)
+        metrics["accuracy"] = float(np.mean([v for k, v in metrics.items()]))
+        return total_loss / total_queries, metrics
+
+
+def make_task(config: RunConfig):
+    return MQARTask(config) if config.setting == "mqar" else RetrievalTask(config)
 
 
 def train(config: RunConfig, progress: bool = True, log=None) -> dict:
     """Run one configuration to its stopping point; returns the run's record for the store."""
     config.validate()
+    task = make_task(config)
     data_seed, eval_seed = seed_streams(config.seed)[:2]
     data_gen = torch.Generator().manual_seed(data_seed)
     eval_gen = torch.Generator().manual_seed(eval_seed)
-    model = make_model(config)
+    model = task.build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     curve: list[tuple[int, float, float]] = []
     best, best_step, since_best = math.inf, None, 0
+    metrics, best_metrics = {}, {}
     status, error, solved, step = "done", None, False, 0
     train_losses: list[float] = []
     start = time.perf_counter()
@@ -72,7 +155,7 @@ def train(config: RunConfig, progress: bool = True, log=None) -> dict:
                disable=not progress, leave=False, unit="step")
     try:
         for step in range(1, config.max_steps + 1):
-            batch = sample_batch(config.setting, config.num_pairs, config.batch_size, data_gen)
+            batch = task.train_batch(data_gen)
             loss = model.loss(batch)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -84,7 +167,7 @@ def train(config: RunConfig, progress: bool = True, log=None) -> dict:
             train_losses.append(loss_value)
             if step % config.eval_every and step != config.max_steps:
                 continue
-            eval_loss = evaluate(model, config, eval_gen)
+            eval_loss, metrics = task.evaluate(model, eval_gen)
             train_mean = float(np.mean(train_losses))
             train_losses.clear()
             bar.update(step - bar.n)
@@ -94,7 +177,7 @@ def train(config: RunConfig, progress: bool = True, log=None) -> dict:
                 break
             curve.append((step, eval_loss, train_mean))
             if eval_loss < best:
-                best, best_step, since_best = eval_loss, step, 0
+                best, best_step, since_best, best_metrics = eval_loss, step, 0, metrics
             else:
                 since_best += 1
             if log is not None:
@@ -128,6 +211,9 @@ def train(config: RunConfig, progress: bool = True, log=None) -> dict:
         "steps": step,
         "wall_time_s": time.perf_counter() - start,
         "error": error,
+        # metrics at the best evaluation (best_*) and at the last one (final_*)
+        "metrics": {**{f"best_{k}": v for k, v in best_metrics.items()},
+                    **{f"final_{k}": v for k, v in metrics.items()}},
         "versions": library_versions(),
         "curve": curve,
     }
