@@ -75,8 +75,52 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_argument("--dry-run", action="store_true", help="list the pending runs, run nothing")
 
-    demo = commands.add_parser("demo", help="a few short runs that show capacity and overwriting")
+    plot = commands.add_parser("plot", help="figures from a store")
+    plot.add_argument("kind", choices=("capacity", "curves", "setting2"),
+                      help="capacity: Figure 2 (loss vs S); curves: Figure 3 (loss vs step); "
+                           "setting2: loss vs S per update rule on the overwrite setting")
+    plot.add_argument("--store", default=DEFAULT_STORE)
+    plot.add_argument("--out", required=True, help="output file (.png, .pdf or .svg)")
+    plot.add_argument("--x", default="num_pairs", choices=("num_pairs", "state_size", "d_dot_ratio"),
+                      help="x axis of capacity/setting2 plots")
+    plot.add_argument("--setting", default=None, help="capacity/overwrite (capacity plot: default capacity)")
+    plot.add_argument("--protocol", default=None, help="only runs of this protocol")
+    plot.add_argument("--keys", type=int, default=None, help="curves: only runs with this S")
+    plot.add_argument("--models", default=None, help="comma-separated model labels to include")
+    plot.add_argument("--threshold", type=float, default=None,
+                      help="loss below which an S counts as solved (default 1e-2)")
+    plot.add_argument("--table", action="store_true",
+                      help="capacity: also print the memory-limit table (S* against d_dot)")
+
+    export = commands.add_parser("export", help="the tidy run table as CSV or Parquet")
+    export.add_argument("--store", default=DEFAULT_STORE)
+    export.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    export.add_argument("--out", default=None, help="output file (default: next to the store)")
+    export.add_argument("--curves", action="store_true", help="export the eval curves instead")
+
+    capacity = commands.add_parser(
+        "capacity", help="capacity sweep of a feature map beside reference maps: plot + S* table")
+    capacity.add_argument("--feature-map", required=True,
+                          help="registry name, package.module:Class or path/file.py:Class")
+    capacity.add_argument("--feature-option", action="append", default=[], metavar="NAME=JSON")
+    capacity.add_argument("--label", default=None, help="name of your map in plots and tables")
+    capacity.add_argument("--rule", default="sum", help="update rule for every model (default sum)")
+    capacity.add_argument("--references", default="linear,dpfp1",
+                          help="comma-separated model presets to compare with (see `list`)")
+    capacity.add_argument("--keys", default="20:200:20",
+                          help="S values: START:STOP:STEP or a comma-separated list")
+    capacity.add_argument("--seeds", type=int, default=1)
+    capacity.add_argument("--max-steps", type=int, default=3000,
+                          help="cap per run (the paper protocol allows 100k; 3000 keeps it to minutes)")
+    capacity.add_argument("--protocol", choices=("paper", "clean"), default="paper")
+    capacity.add_argument("--workers", type=int, default=None)
+    capacity.add_argument("--store", default=DEFAULT_STORE)
+    capacity.add_argument("--out", default=None, help="plot file (default: results/figures/capacity-<label>.png)")
+    capacity.add_argument("--quiet", action="store_true")
+
+    demo = commands.add_parser("demo", help="the quick sweep and its capacity plot")
     demo.add_argument("--store", default=DEFAULT_STORE)
+    demo.add_argument("--workers", type=int, default=None)
     return parser
 
 
@@ -223,27 +267,141 @@ def command_sweep(args) -> int:
     return 0 if counts["failed"] == 0 else 1
 
 
-def command_demo(args) -> int:
-    from training.config import RunConfig
+def select_runs(args):
+    from analysis import load_runs
     from training.store import ResultsStore
-    from training.trainer import summary_line, train
 
-    runs = [RunConfig(setting="capacity", num_pairs=20, feature_map="dpfp", feature_options={"nu": 1}),
-            RunConfig(setting="capacity", num_pairs=80, feature_map="linear", max_steps=3000),
-            RunConfig(setting="capacity", num_pairs=80, feature_map="dpfp", feature_options={"nu": 1},
-                      max_steps=3000),
-            RunConfig(setting="overwrite", num_pairs=20, feature_map="dpfp", feature_options={"nu": 1},
-                      rule="sum", max_steps=2000),
-            RunConfig(setting="overwrite", num_pairs=20, feature_map="dpfp", feature_options={"nu": 1},
-                      rule="delta", max_steps=2000)]
+    ResultsStore(args.store, create=False).close()     # a clear error for a missing/corrupt store
+    runs = load_runs(args.store)
+    if args.protocol:
+        runs = runs[runs["protocol"] == args.protocol]
+    if args.models:
+        wanted = [m.strip() for m in args.models.split(",")]
+        runs = runs[runs["model"].isin(wanted)]
+    if runs.empty:
+        raise UsageError(f"no runs in {args.store} match the selection")
+    return runs
+
+
+def command_plot(args) -> int:
+    import analysis
+    from analysis.limits import DEFAULT_THRESHOLD
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    try:
+        if args.kind == "curves":
+            curves = analysis.load_curves(args.store, select_runs(args)["run_id"])
+            out = analysis.plot_curves(curves, args.out, setting=args.setting, num_pairs=args.keys)
+        else:
+            runs = select_runs(args)
+            if args.kind == "setting2":
+                out = analysis.plot_setting2(runs, args.out, x=args.x, threshold=threshold)
+            else:
+                out = analysis.plot_capacity(runs, args.out, x=args.x, setting=args.setting or "capacity",
+                                             threshold=threshold)
+            if args.table:
+                print(analysis.capacity_table(analysis.memory_limits(runs, threshold=threshold)))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def command_export(args) -> int:
+    from pathlib import Path
+
+    import analysis
+    from training.store import ResultsStore
+
+    ResultsStore(args.store, create=False).close()
+    kind = "curves" if args.curves else "runs"
+    out = args.out or str(Path(args.store).with_name(f"{Path(args.store).stem}-{kind}.{args.format}"))
+    try:
+        path = (analysis.export_curves if args.curves else analysis.export_runs)(args.store, out, args.format)
+    except (ValueError, ImportError) as error:
+        raise UsageError(str(error)) from None
+    print(f"wrote {path}")
+    return 0
+
+
+def parse_keys(text: str) -> list[int]:
+    try:
+        if ":" in text:
+            start, stop, step = (int(x) for x in text.split(":"))
+            values = list(range(start, stop + 1, step))
+        else:
+            values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--keys needs START:STOP:STEP or a comma-separated list, got {text!r}") from None
+    if not values:
+        raise UsageError(f"--keys {text!r} gives no S values")
+    return values
+
+
+def command_capacity(args) -> int:
+    """Capacity curve and memory limit S* of one feature map beside reference models."""
+    from pathlib import Path
+
+    import analysis
+    from tqdm.auto import tqdm
+
+    from training.store import ResultsStore
+    from training.sweep import Sweep, expand, run_sweep
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    keys = parse_keys(args.keys)
+    options = dict(parse_option(text) for text in args.feature_option)
+    yours = {"feature_map": args.feature_map, "feature_options": options, "rule": args.rule}
+    references = [{"preset": name.strip()} for name in args.references.split(",") if name.strip()]
+    common = {"max_steps": args.max_steps, "protocol": args.protocol}
+    runs = expand([yours] + references, ["capacity"], keys, range(args.seeds), common)
+    for config in runs:
+        config.validate()               # checks the feature-map contract before any training
+    label = args.label or runs[0].model_label
+    sweep = Sweep(f"capacity {label}", runs)
+    start = time.perf_counter()
     with ResultsStore(args.store) as store:
-        for config in runs:
-            result = (store.get_run(config.run_id) if store.has_run(config.run_id) else None)
-            if result is None:
-                result = train(config.validate(), progress=True)
-                store.put_run(result)
-            print(summary_line(result))
-    print(f"store: {args.store}")
+        run_sweep(sweep, store, workers=args.workers, progress=not args.quiet, log=tqdm.write)
+    table = analysis.load_runs(args.store)
+    table = table[table["run_id"].isin({c.run_id for c in runs})].copy()
+    if args.label:
+        table.loc[table["model"] == runs[0].model_label, "model"] = args.label
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in label)
+    out = args.out or str(Path(args.store).parent / "figures" / f"capacity-{safe}.png")
+    path = analysis.plot_capacity(table, out)
+    print()
+    print(analysis.capacity_table(analysis.memory_limits(table)))
+    print()
+    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; plot: {path}; store: {args.store}")
+    return 0
+
+
+def command_demo(args) -> int:
+    """`make demo`: the quick preset on the embedded defaults, then its capacity plot."""
+    from pathlib import Path
+
+    import analysis
+    from training.store import ResultsStore
+    from training.sweep import preset_sweep, run_sweep
+    from tqdm.auto import tqdm
+
+    sweep = preset_sweep("quick")
+    start = time.perf_counter()
+    with ResultsStore(args.store) as store:
+        run_sweep(sweep, store, workers=args.workers, log=tqdm.write)
+    runs = analysis.load_runs(args.store)
+    runs = runs[runs["run_id"].isin({c.run_id for c in sweep.runs})]
+    figures = Path(args.store).parent / "figures"
+    capacity = analysis.plot_capacity(runs, figures / "quick-capacity.png")
+    overwrite = analysis.plot_setting2(runs, figures / "quick-overwrite.png")
+    print()
+    print(analysis.capacity_table(analysis.memory_limits(runs)))
+    print()
+    print(f"quick sweep done in {time.perf_counter() - start:.0f} s")
+    print(f"capacity plot:  {capacity}")
+    print(f"overwrite plot: {overwrite}")
+    print(f"store:          {args.store}")
     return 0
 
 
@@ -254,6 +412,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"train": command_train, "list": command_list, "sweep": command_sweep,
+                "plot": command_plot, "export": command_export, "capacity": command_capacity,
                 "demo": command_demo}[args.command](args)
     except (UsageError, ConfigError, StoreError) as error:
         print(f"run_retrieval.py: error: {error}", file=sys.stderr)

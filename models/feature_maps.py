@@ -9,16 +9,27 @@ interference. Every map declares:
     nonnegative  True if every output is >= 0 (needed for sum normalisation)
     random       True if it holds random features, redrawn by ``redraw(generator)``
 
+Optionally a map defines ``sum_normalised(x, eps=0.0)`` = phi(x) / (sum_i phi(x)_i + eps),
+computed without forming phi(x) where that would overflow (FAVOR+ does it as a softmax).
+
 Registered maps: identity, linear (ELU+1, Katharopoulos et al. 2020), tanh, dpfp
-(Schlag et al. 2021), favor (FAVOR+, Choromanski et al. 2021, arXiv 2009.14794).
-A user's own map is named by import path: ``package.module:Class`` or ``path/to/file.py:Class``.
+(Schlag et al. 2021), favor (FAVOR+, Choromanski et al. 2021, arXiv 2009.14794),
+relu (cosFormer's map without its reweighting, Qin et al. 2022, arXiv 2202.08791),
+squared_relu (Primer's relu^2, So et al. 2021, arXiv 2109.08668), taylor (Based,
+Arora et al. 2024, arXiv 2402.18668), hedgehog (learnable, Zhang et al. 2024, arXiv 2402.04347),
+random_fourier (trigonometric random features, Rahimi & Recht 2007; Performer's "trig").
+A user's own map is named by import path: ``package.module:Class`` or ``path/to/file.py:Class``;
+``check_feature_map`` checks any map (registered or not) against this contract.
+See docs/feature_maps.md.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 from pathlib import Path
 
@@ -158,13 +169,188 @@ class FAVORPlus(FeatureMap):
     def redraw(self, generator: torch.Generator | None = None) -> None:
         self.omega = orthogonal_gaussian(self.m, self.d_key, generator).to(self.omega)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _log_features(self, x: Tensor) -> Tensor:
+        """log phi(x) [..., 2m]: [Omega x; -Omega x] - |x|^2 / 2 - log(2m) / 2."""
         u = x @ self.omega.T                                              # [..., m]
         offset = 0.5 * x.pow(2).sum(-1, keepdim=True) + 0.5 * math.log(2 * self.m)
-        return torch.cat([torch.exp(u - offset), torch.exp(-u - offset)], dim=-1)
+        return torch.cat([u - offset, -u - offset], dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.exp(self._log_features(x))
+
+    def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
+        """phi(x) / (sum_i phi(x)_i + eps) [..., 2m], finite for any finite x.
+
+        With eps = 0 every per-vector factor of phi cancels: softmax([Omega x; -Omega x]).
+        With eps > 0 that softmax is multiplied by s / (s + eps) = sigmoid(log s - log eps),
+        where log s = logsumexp(log phi(x)) is also computed without forming phi(x).
+        Equal to ``sum_normalise(phi(x), eps)`` wherever the latter is finite; where phi(x)
+        overflows (inf / inf) or underflows to all zeros (0 / 0) the latter is NaN.
+        """
+        log_phi = self._log_features(x)                                   # [..., 2m]
+        p = torch.softmax(log_phi, dim=-1)
+        if eps > 0:
+            log_sum = torch.logsumexp(log_phi, dim=-1, keepdim=True)     # [..., 1]
+            p = p * torch.sigmoid(log_sum - math.log(eps))
+        return p
 
     def extra_repr(self) -> str:
         return f"d_key={self.d_key}, m={self.m}, redraw={self.redraw_policy}, d_dot={self.d_dot}"
+
+
+class ReLU(FeatureMap):
+    """phi(x) = relu(x); non-negative, d_dot = D_k.
+
+    The feature map of cosFormer (Qin et al. 2022, arXiv 2202.08791) without its positional
+    cos-reweighting (see docs/feature_maps.md for why the reweighting is not a feature map here).
+    An input with no positive entry maps to the zero vector, which sum normalisation cannot
+    normalise (0 / 0), as with DPFP.
+    """
+
+    nonnegative = True
+
+    @property
+    def d_dot(self) -> int:
+        return self.d_key
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x)
+
+
+class SquaredReLU(FeatureMap):
+    """phi(x) = relu(x)^2 elementwise; non-negative, d_dot = D_k.
+
+    The squared ReLU of Primer (So et al. 2021, arXiv 2109.08668) used as a feature map: the
+    kernel phi(q) . phi(k) = sum_i relu(q_i)^2 relu(k_i)^2 is "spikier" than relu's.
+    """
+
+    nonnegative = True
+
+    @property
+    def d_dot(self) -> int:
+        return self.d_key
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+class Taylor(FeatureMap):
+    """2nd-order Taylor feature map of Based (Arora et al. 2024, arXiv 2402.18668).
+
+    phi(q) . phi(k) = 1 + q.k / sqrt(D_k) + (q.k)^2 / (2 D_k), the Taylor expansion of
+    exp(q.k / sqrt(D_k)) to second order, with the scaling of the Based code (HazyResearch
+    based / zoology ``TaylorExp``: x / D_k^(1/4) and x x^T / (sqrt(2) sqrt(D_k))).
+
+    Stored in the symmetric (upper-triangular) form, phi(x) = [1; x / D_k^(1/4);
+    x_i^2 / sqrt(2 D_k) for every i; x_i x_j / sqrt(D_k) for i < j in row-major order]: each
+    off-diagonal pair appears twice in x (x) x, hence sqrt(2) more than the diagonal. The
+    kernel equals that of the full x (x) x form exactly; d_dot = 1 + D_k + D_k (D_k + 1) / 2
+    (2145 for D_k = 64, against 4161 for the full form).
+
+    Features are signed (nonnegative = False), but the kernel 1 + s + s^2 / 2 with
+    s = q.k / sqrt(D_k) is >= 1/2 > 0 for every q, k.
+    """
+
+    def __init__(self, d_key: int):
+        super().__init__(d_key)
+        rows, cols = torch.triu_indices(d_key, d_key, offset=1)          # [2, D_k (D_k-1) / 2]
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    @property
+    def d_dot(self) -> int:
+        return 1 + self.d_key + self.d_key * (self.d_key + 1) // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.d_key
+        squares = x * x / math.sqrt(2 * d)                                # [..., D_k]
+        pairs = x[..., self.rows] * x[..., self.cols] / math.sqrt(d)      # [..., D_k (D_k-1) / 2]
+        return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, squares, pairs], dim=-1)
+
+
+class Hedgehog(FeatureMap):
+    """Hedgehog learnable feature map (Zhang, Bhatia, Kumbong & Re 2024, arXiv 2402.04347).
+
+    z = W x + b (a trainable D_k -> D_k linear layer, identity-initialised, b = 0, as the
+    paper's code), phi(x) = softmax([z; -z]) over the 2 D_k features; d_dot = 2 D_k.
+
+    The paper's map is [exp(z); exp(-z)]; the softmax divides it by its sum, a per-vector
+    constant, so under sum normalisation (delta rule) the memory is exactly the same, and the
+    softmax cannot overflow. Under the sum rule's attention normaliser the constant of each key
+    does not cancel: the kernel is exp-kernel(q, k) / (Z(q) Z(k)). The paper trains separate
+    maps for queries and keys; here, as for every map, one phi serves both. W and b train with
+    the model (they are parameters of the memory).
+    """
+
+    nonnegative = True
+
+    def __init__(self, d_key: int, bias: bool = True):
+        super().__init__(d_key)
+        self.layer = nn.Linear(d_key, d_key, bias=bool(bias))
+        nn.init.eye_(self.layer.weight)
+        if self.layer.bias is not None:
+            nn.init.zeros_(self.layer.bias)
+
+    @property
+    def d_dot(self) -> int:
+        return 2 * self.d_key
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.layer(x)                                                 # [..., D_k]
+        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)          # [..., 2 D_k]
+
+
+class RandomFourier(FeatureMap):
+    """Trigonometric random features (Rahimi & Recht 2007; Performer's "trig" features,
+    Choromanski et al. 2021, arXiv 2009.14794).
+
+    kernel="gaussian" (default): phi(x) = m^-1/2 [sin(Omega x); cos(Omega x)],
+        E[phi(q) . phi(k)] = exp(-|q - k|^2 / 2) (Rahimi & Recht's random Fourier features);
+        every entry is bounded by m^-1/2, so it is finite for any input.
+    kernel="exp": phi(x) = m^-1/2 exp(|x|^2 / 2) [sin(Omega x); cos(Omega x)],
+        E[phi(q) . phi(k)] = exp(q . k), the kernel FAVOR+ estimates (to compare trigonometric
+        with positive random features like for like). The factor exp(|x|^2 / 2) overflows
+        fp32 once |x| > 13.3 (3 N(0, 1) inputs overflow from D_k = 20 on).
+    Omega [m, D_k] has orthogonal random rows as FAVOR+ (each row marginally N(0, I), so the
+    estimate stays unbiased); d_dot = 2m. Features are signed (nonnegative = False): unsuited to
+    sum normalisation, and the sum rule's attention normaliser can be near 0 or negative.
+
+    redraw: "per_call" (a new Omega at every model forward) or "fixed", as FAVOR+.
+    """
+
+    random = True
+
+    def __init__(self, d_key: int, m: int = 64, redraw: str = "per_call",
+                 kernel: str = "gaussian"):
+        super().__init__(d_key)
+        if int(m) != m or m < 1:
+            raise ValueError(f"random_fourier needs m >= 1 random features, got {m}")
+        if redraw not in ("per_call", "fixed"):
+            raise ValueError(f"random_fourier redraw must be 'per_call' or 'fixed', got {redraw!r}")
+        if kernel not in ("exp", "gaussian"):
+            raise ValueError(f"random_fourier kernel must be 'exp' or 'gaussian', got {kernel!r}")
+        self.m = int(m)
+        self.redraw_policy = redraw
+        self.kernel = kernel
+        self.register_buffer("omega", orthogonal_gaussian(self.m, d_key, None))
+
+    @property
+    def d_dot(self) -> int:
+        return 2 * self.m
+
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        self.omega = orthogonal_gaussian(self.m, self.d_key, generator).to(self.omega)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x @ self.omega.T                                              # [..., m]
+        features = torch.cat([torch.sin(u), torch.cos(u)], dim=-1) / math.sqrt(self.m)
+        if self.kernel == "exp":
+            features = features * torch.exp(0.5 * x.pow(2).sum(-1, keepdim=True))
+        return features
+
+    def extra_repr(self) -> str:
+        return (f"d_key={self.d_key}, m={self.m}, redraw={self.redraw_policy}, "
+                f"kernel={self.kernel}, d_dot={self.d_dot}")
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
@@ -173,6 +359,11 @@ FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "tanh": Tanh,
     "dpfp": DPFP,
     "favor": FAVORPlus,
+    "relu": ReLU,
+    "squared_relu": SquaredReLU,
+    "taylor": Taylor,
+    "hedgehog": Hedgehog,
+    "random_fourier": RandomFourier,
 }
 
 
@@ -214,3 +405,132 @@ def build_feature_map(name: str, d_key: int, **options) -> nn.Module:
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
         raise ValueError(f"feature map {name!r} takes no option {', '.join(map(repr, unknown))}")
     return cls(d_key, **options)
+
+
+def _map_name(phi) -> str:
+    return type(phi).__name__
+
+
+def check_feature_map(phi, d_key: int, needs_nonnegative: bool = False,
+                      generator: torch.Generator | None = None, *,
+                      scales: tuple[float, ...] = (1.0, 3.0)) -> None:
+    """Check that ``phi`` honours the feature-map contract; raise ValueError naming the problem.
+
+    Works on any object (duck typing; it need not inherit FeatureMap). Checks, in order:
+    d_dot exists and is a positive int; a map with random = True has redraw(generator)
+    (and a redraw_policy, if any, of "per_call" or "fixed"); on inputs s * N(0, 1) of shape
+    [2, 5, d_key] for every s in ``scales``: the output is a tensor of shape [2, 5, d_dot],
+    finite, non-negative where the map declares nonnegative = True or ``needs_nonnegative``
+    (the map is used with sum normalisation), acts on the last dimension only (phi of the
+    input reshaped to [10, d_key] equals phi's output reshaped to [10, d_dot]); and an optional
+    sum_normalised(x) is finite and equals phi(x) / sum(phi(x)) where the latter is finite.
+    Inputs are drawn from ``generator`` (default: a generator seeded with 0); phi is not
+    modified (redraw is tried on a copy).
+    """
+    name = _map_name(phi)
+    if isinstance(d_key, bool) or not isinstance(d_key, numbers.Integral) or d_key < 1:
+        raise ValueError(f"check_feature_map needs a positive int d_key, got {d_key!r}")
+    try:
+        d_dot = phi.d_dot
+    except (AttributeError, NotImplementedError):
+        raise ValueError(f"feature map {name} has no d_dot attribute (its output width)") from None
+    if isinstance(d_dot, bool) or not isinstance(d_dot, numbers.Integral) or d_dot < 1:
+        raise ValueError(f"feature map {name}: d_dot must be a positive int, "
+                         f"got {d_dot!r} ({type(d_dot).__name__})")
+    d_dot = int(d_dot)
+    if not callable(phi):
+        raise ValueError(f"feature map {name} is not callable (it needs forward(x))")
+    if getattr(phi, "random", False):
+        if not callable(getattr(phi, "redraw", None)):
+            raise ValueError(f"feature map {name} declares random = True but has no "
+                             f"redraw(generator) method")
+        policy = getattr(phi, "redraw_policy", "per_call")
+        if policy not in ("per_call", "fixed"):
+            raise ValueError(f"feature map {name}: redraw_policy must be 'per_call' or 'fixed', "
+                             f"got {policy!r}")
+        try:
+            trial = copy.deepcopy(phi)
+        except Exception:  # an uncopyable user object: redraw is not tried
+            trial = None
+        if trial is not None:
+            try:
+                trial.redraw(torch.Generator().manual_seed(1))
+            except Exception as error:
+                raise ValueError(f"feature map {name}: redraw(generator) failed: "
+                                 f"{type(error).__name__}: {error}") from None
+
+    tensors = list(phi.parameters()) + list(phi.buffers()) if isinstance(phi, nn.Module) else []
+    floating = [t for t in tensors if t.is_floating_point()]
+    dtype = floating[0].dtype if floating else torch.get_default_dtype()
+    device = floating[0].device if floating else torch.device("cpu")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    declared_nonnegative = bool(getattr(phi, "nonnegative", False))
+
+    def apply(x: Tensor) -> Tensor:
+        try:
+            y = phi(x)
+        except Exception as error:
+            raise ValueError(f"feature map {name} failed on an input of shape {list(x.shape)}: "
+                             f"{type(error).__name__}: {error}") from None
+        if not isinstance(y, Tensor):
+            raise ValueError(f"feature map {name} must return a Tensor, got {type(y).__name__}")
+        return y
+
+    with torch.no_grad():
+        for scale in scales:
+            x = scale * torch.randn(2, 5, d_key, generator=generator)
+            x = x.to(device=device, dtype=dtype)                          # [2, 5, D_k]
+            label = f"{scale:g} * N(0, 1) inputs of shape [2, 5, {d_key}]"
+            y = apply(x)
+            if y.dim() == 0 or y.shape[-1] != d_dot:
+                width = y.shape[-1] if y.dim() else "no"
+                raise ValueError(f"feature map {name} outputs {width} features but declares "
+                                 f"d_dot = {d_dot}")
+            if tuple(y.shape) != (2, 5, d_dot):
+                raise ValueError(f"feature map {name} maps shape [2, 5, {d_key}] to "
+                                 f"{list(y.shape)}; expected [2, 5, {d_dot}]")
+            if not torch.isfinite(y).all():
+                raise ValueError(f"feature map {name} gives non-finite outputs (inf or nan) "
+                                 f"for {label}")
+            negative = bool((y < 0).any())
+            if negative and needs_nonnegative:
+                raise ValueError(f"feature map {name} gives negative outputs (min "
+                                 f"{y.min().item():.3g}) for {label}, but it is used with sum "
+                                 f"normalisation, which needs phi(x) >= 0")
+            if negative and declared_nonnegative:
+                raise ValueError(f"feature map {name} declares nonnegative = True but gives "
+                                 f"negative outputs (min {y.min().item():.3g}) for {label}")
+            flat = apply(x.reshape(10, d_key))                            # [10, D_k]
+            if (tuple(flat.shape) != (10, d_dot)
+                    or not torch.allclose(flat, y.reshape(10, d_dot), rtol=1e-4, atol=1e-6)):
+                raise ValueError(f"feature map {name}: output depends on the batch shape "
+                                 f"(phi(x.reshape(10, {d_key})) != phi(x).reshape(10, {d_dot})); "
+                                 f"it must act on the last dimension only")
+            if callable(getattr(phi, "sum_normalised", None)):
+                _check_sum_normalised(phi, name, x, y)
+
+
+def _check_sum_normalised(phi, name: str, x: Tensor, y: Tensor) -> None:
+    """sum_normalised(x) is finite and equals y / y.sum(-1) on rows where that is finite."""
+    try:
+        z = phi.sum_normalised(x)
+    except Exception as error:
+        raise ValueError(f"feature map {name}: sum_normalised(x) failed: "
+                         f"{type(error).__name__}: {error}") from None
+    if not isinstance(z, Tensor) or z.shape != y.shape:
+        shape = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(f"feature map {name}: sum_normalised(x) gives {shape}, "
+                         f"expected {list(y.shape)}")
+    if not torch.isfinite(z).all():
+        raise ValueError(f"feature map {name}: sum_normalised(x) gives non-finite outputs")
+    total = y.sum(dim=-1, keepdim=True)                                   # [2, 5, 1]
+    plain = y / total
+    # Compare only where the plain form is trustworthy: finite, and a sum well above the
+    # subnormal range (features that underflow lose their relative precision).
+    info = torch.finfo(y.dtype)
+    rows = torch.isfinite(plain).all(dim=-1) & (total[..., 0].abs() >= info.tiny / info.eps)
+    if rows.any() and not torch.allclose(z[rows], plain[rows], rtol=1e-3, atol=1e-6):
+        gap = (z[rows] - plain[rows]).abs().max().item()
+        raise ValueError(f"feature map {name}: sum_normalised(x) differs from "
+                         f"phi(x) / phi(x).sum(-1) by up to {gap:.3g}")

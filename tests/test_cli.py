@@ -70,3 +70,69 @@ def test_preset_sets_its_hyper_parameters(tmp_path):
     from analysis import load_runs
     run = load_runs(store).iloc[0]
     assert run["lr"] == 1e-4 and run["batch_size"] == 128 and run["rule"] == "fwm"
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from training.config import RunConfig
+    from training.store import ResultsStore
+    from training.trainer import train
+    path = tmp_path_factory.mktemp("store") / "r.sqlite"
+    with ResultsStore(path) as store:
+        for setting in ("capacity", "overwrite"):
+            for S in (6, 10):
+                for fm, options in (("linear", {}), ("dpfp", {"nu": 1})):
+                    store.put_run(train(RunConfig(setting=setting, num_pairs=S, feature_map=fm,
+                                                  feature_options=options, max_steps=60, eval_every=20),
+                                        progress=False))
+    return path
+
+
+@pytest.mark.parametrize("kind,extra", [("capacity", ["--table"]), ("capacity", ["--x", "state_size"]),
+                                        ("setting2", []), ("curves", ["--keys", "6"])])
+def test_plot_writes_figures(small_store, tmp_path, kind, extra):
+    out = tmp_path / f"{kind}.png"
+    result = cli("plot", kind, "--store", str(small_store), "--out", str(out), *extra)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if "--table" in extra:
+        assert "S* (largest solved)" in result.stdout and "DPFP-1 sum" in result.stdout
+
+
+def test_export_csv(small_store, tmp_path):
+    out = tmp_path / "runs.csv"
+    result = cli("export", "--store", str(small_store), "--format", "csv", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+    assert len(pd.read_csv(out)) == 8
+
+
+def test_plot_and_export_refuse_missing_store(tmp_path):
+    for args in (["plot", "capacity", "--out", str(tmp_path / "x.png")], ["export"]):
+        result = cli(*args, "--store", str(tmp_path / "missing.sqlite"))
+        assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_capacity_command_with_a_map_from_a_file_outside_the_repo(tmp_path):
+    user_file = tmp_path / "elsewhere" / "my_map.py"
+    user_file.parent.mkdir()
+    user_file.write_text(
+        "import torch\n"
+        "class ReluSquared(torch.nn.Module):\n"
+        "    nonnegative = True\n"
+        "    random = False\n"
+        "    def __init__(self, d_key, scale=1.0):\n"
+        "        super().__init__(); self.d_key = d_key; self.d_dot = d_key; self.scale = scale\n"
+        "    def forward(self, x):\n"
+        "        return torch.relu(self.scale * x) ** 2\n")
+    store, out = tmp_path / "r.sqlite", tmp_path / "cap.png"
+    result = cli("capacity", "--feature-map", f"{user_file}:ReluSquared", "--feature-option", "scale=0.5",
+                 "--label", "mine", "--keys", "6,10", "--max-steps", "60", "--workers", "1",
+                 "--store", str(store), "--out", str(out), "--quiet", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+    table = result.stdout
+    for model in ("mine", "Linear sum", "DPFP-1 sum"):
+        assert f"| {model} |" in table
+    bad = cli("capacity", "--feature-map", f"{user_file}:Nope", "--store", str(store), "--quiet")
+    assert bad.returncode == 2 and "no class 'Nope'" in bad.stderr
