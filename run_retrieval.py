@@ -199,14 +199,14 @@ def command_list(args) -> int:
 
     d_key = 64
     print(f"feature maps (d_dot for d_key = {d_key}):")
-    print(f"  {'softmax':<10} no fixed-size state (softmax attention baseline; --rule sum)")
+    print(f"  {'softmax':<15} no fixed-size state (softmax attention baseline; --rule sum)")
     examples = {"dpfp": [{"nu": n} for n in (1, 2, 3)], "favor": [{"m": m} for m in (64, 128, 512)]}
     for name, cls in FEATURE_MAPS.items():
         for options in examples.get(name, [{}]):
             phi = build_feature_map(name, d_key, **options)
             opts = " ".join(f"--{'features' if k == 'm' else k} {v}" for k, v in options.items())
             flags = ", ".join(f for f, on in (("non-negative", phi.nonnegative), ("random", phi.random)) if on)
-            print(f"  {name:<10} {opts:<14} d_dot = {phi.d_dot:<4} {flags}")
+            print(f"  {name:<15} {opts:<14} d_dot = {phi.d_dot:<5} {flags}")
     print("  (or your own class: --feature-map package.module:Class or path/to/file.py:Class)")
     print("update rules:")
     for name, cls in UPDATE_RULES.items():

@@ -136,3 +136,24 @@ def test_capacity_command_with_a_map_from_a_file_outside_the_repo(tmp_path):
         assert f"| {model} |" in table
     bad = cli("capacity", "--feature-map", f"{user_file}:Nope", "--store", str(store), "--quiet")
     assert bad.returncode == 2 and "no class 'Nope'" in bad.stderr
+
+
+def test_capacity_refuses_a_map_that_breaks_its_contract(tmp_path):
+    user_file = tmp_path / "bad_map.py"
+    user_file.write_text(
+        "import torch\n"
+        "class Signed(torch.nn.Module):\n"
+        "    def __init__(self, d_key):\n"
+        "        super().__init__(); self.d_dot = d_key\n"
+        "    def forward(self, x):\n"
+        "        return x\n"
+        "class WrongWidth(Signed):\n"
+        "    def forward(self, x):\n"
+        "        return torch.cat([x, x], -1)\n")
+    store = tmp_path / "r.sqlite"
+    signed = cli("capacity", "--feature-map", f"{user_file}:Signed", "--rule", "delta",
+                 "--store", str(store), "--quiet")
+    assert signed.returncode == 2 and "negative" in signed.stderr
+    wide = cli("capacity", "--feature-map", f"{user_file}:WrongWidth", "--store", str(store), "--quiet")
+    assert wide.returncode == 2 and "128" in wide.stderr and "64" in wide.stderr
+    assert not store.exists()

@@ -55,7 +55,15 @@ class RetrievalTask:
                            c.feature_options, c.rule_options)
 
     def check(self) -> None:
-        self._build()
+        self.check_model(self._build())
+
+    def check_model(self, model) -> None:
+        """The feature map must honour its contract (docs/feature_maps.md) before training."""
+        from models.feature_maps import check_feature_map
+        memory = model.memory
+        if hasattr(memory, "phi"):
+            check_feature_map(memory.phi, self.config.d_key,
+                              needs_nonnegative=memory.rule.key_norm == "sum")
 
     def build_model(self) -> torch.nn.Module:
         init_seed, redraw_seed = seed_streams(self.config.seed)[2:4]
@@ -111,7 +119,7 @@ class MQARTask(RetrievalTask):
     def check(self) -> None:
         for pairs in {self.config.num_pairs, *self.eval_pairs}:
             mqar_batch(1, pairs, torch.Generator().manual_seed(0), **self.options)
-        self._build()
+        self.check_model(self._build())
 
     def train_batch(self, generator: torch.Generator):
         return mqar_batch(self.config.batch_size, self.config.num_pairs, generator, **self.options)
