@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from models.retrieval import RetrievalModel, build_model
@@ -77,18 +78,26 @@ class RetrievalTask:
         c = self.config
         return sample_batch(c.setting, c.num_pairs, c.batch_size, generator)
 
-    @torch.no_grad()
-    def evaluate(self, model, generator: torch.Generator) -> tuple[float, dict]:
+    def eval_batch(self, generator: torch.Generator):
         c = self.config
-        was_training = model.training
-        model.eval()
-        batch = evaluation_set(c.setting, c.num_pairs, c.protocol, generator, c.eval_sequences)
-        y = model(batch)                                                       # [N, Q, S]
-        model.train(was_training)
+        return evaluation_set(c.setting, c.num_pairs, c.protocol, generator, c.eval_sequences)
+
+    def score(self, y: Tensor, batch) -> tuple[float, dict]:
+        """The protocol's eval loss and metrics from the model's answers y [N, Q, S]."""
+        c = self.config
         losses = 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)      # [N, Q]
         loss = aggregate_eval_loss(losses, batch.query_mask, c.protocol, c.batch_size)
         correct = (y.argmax(-1) == batch.targets)[batch.query_mask]
         return float(loss), {"accuracy": float(correct.float().mean())}
+
+    @torch.no_grad()
+    def evaluate(self, model, generator: torch.Generator) -> tuple[float, dict]:
+        was_training = model.training
+        model.eval()
+        batch = self.eval_batch(generator)
+        y = model(batch)                                                       # [N, Q, S]
+        model.train(was_training)
+        return self.score(y, batch)
 
 
 class MQARTask(RetrievalTask):
@@ -143,6 +152,84 @@ def make_task(config: RunConfig):
     return MQARTask(config) if config.setting == "mqar" else RetrievalTask(config)
 
 
+class RunRecord:
+    """One run's bookkeeping under the protocol: curve, best, patience, stop and status."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.curve: list[tuple[int, float, float]] = []
+        self.best, self.best_step, self.since_best = math.inf, None, 0
+        self.metrics, self.best_metrics = {}, {}
+        self.status, self.error, self.solved, self.steps = "done", None, False, 0
+        self.train_losses: list[float] = []
+        self.stopped = False
+        self.start = time.perf_counter()
+        self.wall_time = None
+
+    def train_step(self, step: int, loss: float) -> None:
+        """Record a training loss; a NaN or inf stops the run as diverged."""
+        self.steps = step
+        if not math.isfinite(loss):
+            self.stop("diverged")
+        else:
+            self.train_losses.append(loss)
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.config.eval_every == 0 or step == self.config.max_steps
+
+    def evaluation(self, step: int, eval_loss: float, metrics: dict) -> None:
+        """Record an evaluation and apply the stopping rules."""
+        if not math.isfinite(eval_loss):
+            return self.stop("diverged")
+        self.curve.append((step, eval_loss, float(np.mean(self.train_losses)) if self.train_losses else math.nan))
+        self.train_losses = []
+        self.metrics = metrics
+        if eval_loss < self.best:
+            self.best, self.best_step, self.since_best, self.best_metrics = eval_loss, step, 0, metrics
+        else:
+            self.since_best += 1
+        if eval_loss <= self.config.stop_loss:
+            self.solved = True
+            self.stop("done")
+        elif self.since_best >= self.config.patience or step >= self.config.max_steps:
+            self.stop("done")
+
+    def stop(self, status: str, error: str | None = None) -> None:
+        if not self.stopped:
+            self.status, self.error, self.stopped = status, error, True
+            self.wall_time = time.perf_counter() - self.start
+
+    def result(self, model, engine: str = "sequential") -> dict:
+        self.stop(self.status)
+        config = self.config
+        return {
+            "run_id": config.run_id,
+            "config": config.to_dict(),
+            "setting": config.setting,
+            "num_pairs": config.num_pairs,
+            "feature_map": config.feature_map,
+            "rule": config.rule,
+            "model": config.model_label,
+            "d_dot": model.d_dot,
+            "state_size": model.state_size(),
+            "protocol": config.protocol,
+            "seed": config.seed,
+            "status": self.status,
+            "solved": int(self.solved),
+            "best_eval_loss": self.best if self.curve else None,
+            "final_eval_loss": self.curve[-1][1] if self.curve else None,
+            "best_step": self.best_step,
+            "steps": self.steps,
+            "wall_time_s": self.wall_time,
+            "error": self.error,
+            # metrics at the best evaluation (best_*) and at the last one (final_*)
+            "metrics": {**{f"best_{k}": v for k, v in self.best_metrics.items()},
+                        **{f"final_{k}": v for k, v in self.metrics.items()}},
+            "versions": {**library_versions(), "engine": engine},
+            "curve": self.curve,
+        }
+
+
 def train(config: RunConfig, progress: bool = True, log=None) -> dict:
     """Run one configuration to its stopping point; returns the run's record for the store."""
     config.validate()
@@ -152,79 +239,33 @@ def train(config: RunConfig, progress: bool = True, log=None) -> dict:
     eval_gen = torch.Generator().manual_seed(eval_seed)
     model = task.build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-
-    curve: list[tuple[int, float, float]] = []
-    best, best_step, since_best = math.inf, None, 0
-    metrics, best_metrics = {}, {}
-    status, error, solved, step = "done", None, False, 0
-    train_losses: list[float] = []
-    start = time.perf_counter()
+    record = RunRecord(config)
     bar = tqdm(total=config.max_steps, desc=config.model_label + f" S={config.num_pairs}",
                disable=not progress, leave=False, unit="step")
     try:
         for step in range(1, config.max_steps + 1):
-            batch = task.train_batch(data_gen)
-            loss = model.loss(batch)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                status = "diverged"
+            loss = model.loss(task.train_batch(data_gen))
+            record.train_step(step, loss.item())
+            if record.stopped:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            train_losses.append(loss_value)
-            if step % config.eval_every and step != config.max_steps:
+            if not record.eval_due(step):
                 continue
             eval_loss, metrics = task.evaluate(model, eval_gen)
-            train_mean = float(np.mean(train_losses))
-            train_losses.clear()
+            record.evaluation(step, eval_loss, metrics)
             bar.update(step - bar.n)
-            bar.set_postfix(eval=f"{eval_loss:.4g}", best=f"{min(best, eval_loss):.4g}")
-            if not math.isfinite(eval_loss):
-                status = "diverged"
-                break
-            curve.append((step, eval_loss, train_mean))
-            if eval_loss < best:
-                best, best_step, since_best, best_metrics = eval_loss, step, 0, metrics
-            else:
-                since_best += 1
+            bar.set_postfix(eval=f"{eval_loss:.4g}", best=f"{record.best:.4g}")
             if log is not None:
-                log(f"step {step}: eval {eval_loss:.5g} (best {best:.5g})")
-            if eval_loss <= config.stop_loss:
-                solved = True
-                break
-            if since_best >= config.patience:
+                log(f"step {step}: eval {eval_loss:.5g} (best {record.best:.5g})")
+            if record.stopped:
                 break
     except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory, singular solve
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        record.stop("failed", f"{type(exc).__name__}: {exc}")
     finally:
         bar.close()
-    return {
-        "run_id": config.run_id,
-        "config": config.to_dict(),
-        "setting": config.setting,
-        "num_pairs": config.num_pairs,
-        "feature_map": config.feature_map,
-        "rule": config.rule,
-        "model": config.model_label,
-        "d_dot": model.d_dot,
-        "state_size": model.state_size(),
-        "protocol": config.protocol,
-        "seed": config.seed,
-        "status": status,
-        "solved": int(solved),
-        "best_eval_loss": best if curve else None,
-        "final_eval_loss": curve[-1][1] if curve else None,
-        "best_step": best_step,
-        "steps": step,
-        "wall_time_s": time.perf_counter() - start,
-        "error": error,
-        # metrics at the best evaluation (best_*) and at the last one (final_*)
-        "metrics": {**{f"best_{k}": v for k, v in best_metrics.items()},
-                    **{f"final_{k}": v for k, v in metrics.items()}},
-        "versions": library_versions(),
-        "curve": curve,
-    }
+    return record.result(model)
 
 
 def summary_line(result: dict) -> str:
