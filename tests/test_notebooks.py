@@ -2,6 +2,7 @@
 
 The store holds tiny real training runs (both settings, two models, two seeds, two S) plus one
 diverged run, so the notebooks meet the shapes a sweep produces, including the awkward ones.
+Notebooks that train (new_feature_map) run with FWM_NOTEBOOK_QUICK=1: a sweep of seconds.
 """
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def execute(notebook: Path, store: Path, monkeypatch):
     # The kernel inherits this process's environment when it starts.
     monkeypatch.setenv("FWM_STORE", str(store))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("FWM_NOTEBOOK_QUICK", "1")     # notebooks that train use tiny sweeps
     nb = nbformat.read(notebook, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()  # raises on a cell error
@@ -80,10 +82,23 @@ def test_notebooks_are_stored_without_outputs():
 @pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.stem)
 def test_notebook_runs(notebook, results, tmp_path, monkeypatch):
     store = write_store(tmp_path / "retrieval.sqlite", results)
+    # Temporary folders the kernel makes (new_feature_map's map file and sweep store) go into
+    # tmp_path, not the system's temp folder.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = execute(notebook, store, monkeypatch)
     if notebook.stem != "tasks":
         assert list((tmp_path / "figures").glob("*.png")), "the notebook saved no figure"
         assert "no runs" not in printed(nb)
+    if notebook.stem == "new_feature_map":
+        text = printed(nb)
+        assert "SquaredReLUPair passes the contract: d_dot = 128" in text
+        assert "outputs 128 features but declares d_dot = 64" in text      # the broken variants
+        assert "which needs phi(x) >= 0" in text
+        assert "6 runs trained" in text and "0 failed" in text             # 3 models x S in {6, 10}
+        assert text.count("| capacity |") == 3                             # the S* table
+        # The map file and the sweep store were written outside the repository.
+        work = [path.parent for path in tmp_path.glob("fwm-new-feature-map-*/capacity.sqlite")]
+        assert len(work) == 1 and (work[0] / "my_map.py").is_file()
 
 
 def test_notebooks_skip_what_the_store_lacks(results, tmp_path, monkeypatch):
