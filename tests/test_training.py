@@ -75,3 +75,13 @@ def test_unknown_config_field_is_an_error():
 def test_run_id_is_stable_and_seed_dependent():
     assert RunConfig(num_pairs=10).run_id == RunConfig.from_dict({"num_pairs": 10}).run_id
     assert RunConfig(num_pairs=10).run_id != RunConfig(num_pairs=10, seed=1).run_id
+
+
+def test_run_id_of_a_user_map_follows_its_source(tmp_path):
+    path = tmp_path / "my_map.py"
+    path.write_text("import torch\nclass M(torch.nn.Module):\n    d_dot = 4\n")
+    config = RunConfig(num_pairs=10, feature_map=f"{path}:M")
+    before = config.run_id
+    assert config.run_id == before
+    path.write_text("import torch\nclass M(torch.nn.Module):\n    d_dot = 8\n")
+    assert config.run_id != before

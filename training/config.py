@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from tasks.associative import SETTINGS
@@ -15,6 +17,25 @@ from tasks.evaluation import PROTOCOLS
 
 
 TASK_SETTINGS = SETTINGS + ("mqar",)
+
+
+def source_digest(feature_map: str) -> str:
+    """sha256 of the file defining a user feature map ("" for registered maps and softmax)."""
+    if ":" not in feature_map:
+        return ""
+    module = feature_map.rpartition(":")[0]
+    if module.endswith(".py"):
+        path = Path(module).expanduser()
+    else:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        path = Path(spec.origin) if spec is not None and spec.origin else None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else ""
+    except OSError:
+        return ""   # unreadable: validation reports it
 
 
 class ConfigError(ValueError):
@@ -92,8 +113,11 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        """Stable id of (config, seed): the same run always gets the same id."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+        """Stable id of (config, seed): the same run always gets the same id. For a feature map
+        of the user's own (named by import path) the id also covers its source code, so an
+        edited map is a new run, never a stale hit in the store."""
+        identity = self.canonical_json() + source_digest(self.feature_map)
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     @property
     def model_label(self) -> str:
