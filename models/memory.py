@@ -5,13 +5,42 @@ queries, each is normalised as the rule asks, the rule writes the whole sequence
 weight matrix, and every query reads that one matrix (the memory of a sequence is built once,
 however many queries it gets). ``SoftmaxMemory`` is the softmax-attention baseline, whose
 "memory" is the whole sequence.
+
+Values may be given densely (v [B, L, D_v]) or as ``OneHot(ids, size)``, the retrieval task's
+fixed one-hot value vectors. One-hot values let a rule with a ``write_one_hot(k, ids, beta)``
+method (sum, delta, fwm) write by scatter / gather instead of multiplying by a mostly-zero
+[B, L, S] matrix, and let softmax attention scatter its weights (A V with one-hot V). A rule
+without that method gets the dense matrix: any user rule still works unchanged.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class OneHot(NamedTuple):
+    """Values v_t = one_hot(ids[:, t], size), kept as ids. ids [B, L] long."""
+
+    ids: Tensor
+    size: int
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The explicit value matrix [B, L, size] (the reference form)."""
+        return F.one_hot(self.ids, self.size).to(dtype)
+
+
+def write_memory(rule: nn.Module, k: Tensor, v: Tensor | OneHot, beta: Tensor | None):
+    """rule.write(k, v, beta), through the rule's one-hot fast path when it has one."""
+    if isinstance(v, OneHot):
+        fast = getattr(rule, "write_one_hot", None)
+        if fast is not None:
+            return fast(k, v.ids, beta)
+        v = v.dense(k.dtype)
+    return rule.write(k, v, beta)
 
 from models.normalisation import QUERY_EPS, normalise
 
@@ -31,11 +60,12 @@ class FastWeightMemory(nn.Module):
     def state_size(self) -> int:
         return self.rule.state_size()
 
-    def forward(self, k: Tensor, v: Tensor, beta: Tensor | None, q: Tensor) -> Tensor:
-        """k [B, L, D_key], v [B, L, D_v], beta [B, L] or None, q [B, Q, D_key] -> [B, Q, D_v]."""
+    def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
+        """k [B, L, D_key], v [B, L, D_v] or OneHot, beta [B, L] or None, q [B, Q, D_key]
+        -> [B, Q, D_v]."""
         phi_k = normalise(self.phi(k), self.rule.key_norm)
         phi_q = normalise(self.phi(q), self.rule.query_norm, QUERY_EPS)
-        state = self.rule.write(phi_k, v, beta)
+        state = write_memory(self.rule, phi_k, v, beta)
         return self.rule.read(state, phi_q)
 
 
@@ -53,6 +83,12 @@ class SoftmaxMemory(nn.Module):
     def state_size(self, length: int = 0, d_value: int = 0) -> int:
         return length * (self.d_key + d_value)
 
-    def forward(self, k: Tensor, v: Tensor, beta: Tensor | None, q: Tensor) -> Tensor:
+    def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
         scores = q @ k.transpose(1, 2) / math.sqrt(self.d_key)           # [B, Q, L]
-        return torch.softmax(scores, dim=-1) @ v                         # [B, Q, D_v]
+        weights = torch.softmax(scores, dim=-1)                          # [B, Q, L]
+        if isinstance(v, OneHot):
+            # A V with one-hot V: each weight a_{qt} lands in value column ids_t.
+            B, Q, L = weights.shape
+            index = v.ids[:, None, :].expand(B, Q, L)                    # [B, Q, L]
+            return weights.new_zeros(B, Q, v.size).scatter_add(2, index, weights)
+        return weights @ v                                               # [B, Q, D_v]

@@ -12,16 +12,19 @@ Loss: 0.5 * sum_j (y_j - v_j)^2, averaged over queries; a zero output scores exa
 
 Because x_t is a one-hot value next to an embedding, W_K x_t is a column of W_K plus a row of
 the projected embedding table: computed as two lookups, never as an (S + d_emb)-wide product.
+For the same reason the values reach the memory as ids (``OneHot``), never as a [B, L, S]
+matrix: the sum rule, the delta rule, FWM and softmax attention then write or read by
+scatter/gather (models/memory.py). ``one_hot_values=False`` passes the dense matrix instead
+(the reference path; tests/test_fast_paths.py checks that both agree).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.memory import FastWeightMemory, SoftmaxMemory
+from models.memory import FastWeightMemory, OneHot, SoftmaxMemory
 from tasks.associative import RetrievalBatch
 
 
@@ -54,6 +57,7 @@ class RetrievalModel(nn.Module):
             nn.init.uniform_(self.W_K.weight, -bound, bound)
             nn.init.uniform_(self.W_Q.weight, -bound, bound)
         self.redraw_generator: torch.Generator | None = None
+        self.one_hot_values = True   # False: dense [B, L, S] value matrix (reference path)
 
     @property
     def d_dot(self) -> int | None:
@@ -66,11 +70,18 @@ class RetrievalModel(nn.Module):
         return self.memory.state_size()
 
     def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:
-        """linear([onehot(v); e(k)]) as lookups: [B, L] ids -> [B, L, out]."""
+        """linear([onehot(v); e(k)]) as lookups: [B, L] ids -> [B, L, out].
+
+        index_select rather than advanced indexing: its backward is an index_add, where
+        indexing's backward (index_put with accumulate) is several times slower on CPU.
+        """
         S = self.num_pairs
         value_columns = linear.weight[:, :S].T                              # [S, out]
-        key_table = self.embedding.weight @ linear.weight[:, S:].T           # [S, out]
-        return value_columns[values] + key_table[keys] + linear.bias
+        key_table = torch.addmm(linear.bias, self.embedding.weight,
+                                linear.weight[:, S:].T)                     # [S, out], with bias
+        flat = (value_columns.index_select(0, values.flatten())
+                + key_table.index_select(0, keys.flatten()))                # [B * L, out]
+        return flat.view(*keys.shape, -1)                                   # [B, L, out]
 
     def forward(self, batch: RetrievalBatch) -> Tensor:
         """Retrieved value vectors y [B, Q, S] for every query of the batch."""
@@ -81,13 +92,19 @@ class RetrievalModel(nn.Module):
         q = self.W_Q(self.embedding(batch.queries))                          # [B, Q, D_key]
         beta = (torch.sigmoid(self._project(self.W_b, batch.keys, batch.values).squeeze(-1))
                 if self.W_b is not None else None)                           # [B, L]
-        v = F.one_hot(batch.values, self.num_pairs).to(k.dtype)              # [B, L, S]
+        v = OneHot(batch.values, self.num_pairs)                             # ids [B, L]
+        if not self.one_hot_values:
+            v = v.dense(k.dtype)                                              # [B, L, S]
         return self.memory(k, v, beta, q)
 
     def query_losses(self, batch: RetrievalBatch) -> Tensor:
         """0.5 * |y - onehot(target)|^2 per query: [B, Q]."""
-        y = self(batch)
-        return 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)
+        y = self(batch)                                                      # [B, Q, S]
+        # y - onehot(target) without the one-hot tensor: subtract 1 at each target entry
+        # (the same floating-point operation as the dense subtraction).
+        index = batch.targets[:, :, None]                                    # [B, Q, 1]
+        error = y.scatter_add(2, index, y.new_full(index.shape, -1.0))       # [B, Q, S]
+        return 0.5 * error.pow(2).sum(-1)
 
     def loss(self, batch: RetrievalBatch) -> Tensor:
         """Mean query loss over the real (unmasked) queries."""

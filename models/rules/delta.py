@@ -13,11 +13,24 @@ of C positions entering with state S0, the recurrence inside the chunk is the tr
 system (I + tril(diag(beta) K K^T, -1)) U' = diag(beta) (V - K S0), solved explicitly:
 
     T  = (I + tril(diag(beta) K K^T, -1))^-1      (unit lower triangular)
-    W  = T diag(beta) K,   U = T diag(beta) V      (the WY / UT representation)
-    U' = U - W S0
+    U' = T diag(beta) (V - K S0)                   (= U - W S0 with the WY / UT representation
+                                                    W = T diag(beta) K, U = T diag(beta) V)
     O  = Q S0 + tril(Q K^T) U',   S_next = S0 + K^T U'
 
-Only the loop over chunks is sequential.
+Only the loop over chunks is sequential. Forms, each checked against the plain loop
+``delta_rule_recurrent`` (tests/test_rules.py, tests/test_fast_paths.py):
+
+    delta_rule_recurrent       reference loop over positions
+    delta_rule_chunkwise       chunkwise form, dense values, outputs and final state
+    delta_rule_write_one_hot   chunkwise final state only, for one-hot values v_t = e_{id_t}:
+                               diag(beta) V is then a scatter, so U = T diag(beta) V costs
+                               O(C^2) per chunk instead of O(C^2 D_v) (plain autograd)
+    delta_rule_write           the same final state (dense or one-hot values) with a
+                               hand-written backward (``DeltaRuleWrite``): what DeltaRule uses
+
+Why U' = T diag(beta) (V - K S0) rather than U - W S0: it needs C^2 D_v multiply-adds where
+W = T diag(beta) K needs C^2 D_k, and D_k = d_dot (128..384) is usually larger than D_v here;
+for the first chunk (S0 = 0) both reduce to U.
 """
 from __future__ import annotations
 
@@ -25,6 +38,10 @@ import torch
 from torch import Tensor
 
 from models.rules.base import UpdateRule
+
+# Measured on the 2-core CPU (B = 32, D_k = 128, L = 40..400): C = 32 was fastest or within noise
+# of the best of C = 16..128, fwd + bwd; a sequence of L <= 32 is one chunk.
+DEFAULT_CHUNK = 32
 
 
 def delta_rule_recurrent(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
@@ -44,30 +61,213 @@ def delta_rule_recurrent(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
     return (torch.stack(outputs, dim=1) if q is not None else None), S
 
 
+def chunk_transform(K: Tensor, b: Tensor) -> Tensor:
+    """T = (I + tril(diag(b) K K^T, -1))^-1 for one chunk. K [B, C, D_k], b [B, C, 1] -> [B, C, C].
+
+    Formed explicitly by a unit-triangular solve against I (measured faster than solving
+    against the wide right-hand side directly, and T is reused).
+    """
+    B, C, _ = K.shape
+    eye = torch.eye(C, dtype=K.dtype, device=K.device)
+    A = (b * (K @ K.transpose(1, 2))).tril(-1)                         # [B, C, C]
+    return torch.linalg.solve_triangular(eye + A, eye.expand(B, C, C), upper=False,
+                                         unitriangular=True)
+
+
 def delta_rule_chunkwise(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
-                         chunk_size: int = 64, initial_state: Tensor | None = None):
-    """Chunkwise WY/UT form; same arguments and results as ``delta_rule_recurrent``."""
+                         chunk_size: int = DEFAULT_CHUNK, initial_state: Tensor | None = None):
+    """Chunkwise form; same arguments and results as ``delta_rule_recurrent``.
+
+    Everything that does not depend on the entering state (T, diag(b) V, diag(b) K, the masked
+    Q K^T) is computed for all chunks at once, as [B * N, C, C] batches; only the state
+    recurrence loops over chunks. Chunks come from views/``split`` (one backward op each), not
+    from slicing k[:, a:b] inside the loop, whose backward would allocate and fill a full
+    [B, L, D] gradient per chunk (O(L^2 / C) work).
+    """
     B, L, D_k = k.shape
-    S = k.new_zeros(B, D_k, v.shape[2]) if initial_state is None else initial_state
-    outputs = []
-    for start in range(0, L, chunk_size):
-        K = k[:, start:start + chunk_size]                            # [B, C, D_k]
-        V = v[:, start:start + chunk_size]                            # [B, C, D_v]
-        b = beta[:, start:start + chunk_size, None]                   # [B, C, 1]
-        C = K.shape[1]
-        eye = torch.eye(C, dtype=k.dtype, device=k.device)
-        A = (b * (K @ K.transpose(1, 2))).tril(-1)                     # [B, C, C]
-        # Forming T explicitly (solve against I) is faster than solving against [bK, bV].
-        T = torch.linalg.solve_triangular(eye + A, eye.expand(B, C, C), upper=False,
-                                          unitriangular=True)
-        W = T @ (b * K)                                               # [B, C, D_k]
-        U = T @ (b * V)                                               # [B, C, D_v]
-        U_new = U - W @ S                                             # [B, C, D_v]
+    D_v = v.shape[2]
+    C = min(chunk_size, max(L, 1))
+    N = L // C                                                         # full chunks
+    parts = []                                                         # (Q, K, T, bV, bK, QK) per chunk
+    if N:
+        full = N * C
+        def chunks(x):                                                 # [B, L, d] -> [B * N, C, d]
+            return x[:, :full].reshape(B * N, C, x.shape[-1])
+        K_all, b_all = chunks(k), chunks(beta[:, :, None])
+        T_all = chunk_transform(K_all, b_all)                          # [B * N, C, C]
+        bV_all = (b_all * chunks(v)).view(B, N, C, D_v).unbind(1)
+        bK_all = (b_all * K_all).view(B, N, C, D_k).unbind(1)
+        T_list = T_all.view(B, N, C, C).unbind(1)
+        K_list = K_all.view(B, N, C, D_k).unbind(1)
         if q is not None:
-            Q = q[:, start:start + chunk_size]
-            outputs.append(Q @ S + (Q @ K.transpose(1, 2)).tril() @ U_new)
-        S = S + K.transpose(1, 2) @ U_new
+            Q_all = chunks(q)
+            QK_list = (Q_all @ K_all.transpose(1, 2)).tril().view(B, N, C, C).unbind(1)
+            Q_list = Q_all.view(B, N, C, D_k).unbind(1)
+        else:
+            QK_list = Q_list = [None] * N
+        parts = list(zip(Q_list, K_list, T_list, bV_all, bK_all, QK_list))
+    if L > N * C:                                                      # the shorter last chunk
+        K, b = k[:, N * C:], beta[:, N * C:, None]
+        Q = q[:, N * C:] if q is not None else None
+        parts.append((Q, K, chunk_transform(K, b), b * v[:, N * C:], b * K,
+                      (Q @ K.transpose(1, 2)).tril() if Q is not None else None))
+    S = initial_state                                                  # None: the zero state
+    outputs = []
+    for Q, K, T, bV, bK, QK in parts:
+        # U' = T diag(b) (V - K S0) = T (bV - bK S0)                   [B, C, D_v]
+        U = T @ (bV if S is None else torch.baddbmm(bV, bK, S, alpha=-1))
+        if Q is not None:
+            O = QK @ U                                                 # [B, C, D_v]
+            outputs.append(O if S is None else torch.baddbmm(O, Q, S))
+        S = K.transpose(1, 2) @ U if S is None else torch.baddbmm(S, K.transpose(1, 2), U)
+    if S is None:                                                      # L = 0
+        S = k.new_zeros(B, D_k, D_v)
     return (torch.cat(outputs, dim=1) if q is not None else None), S
+
+
+def delta_rule_write_one_hot(k: Tensor, ids: Tensor, d_value: int, beta: Tensor,
+                             chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """Final state S_L [B, D_k, D_v] of the delta rule for one-hot values v_t = e_{ids[:, t]}.
+
+    k [B, L, D_k], ids [B, L] long in 0..D_v-1, beta [B, L]. Equals
+    ``delta_rule_chunkwise(None, k, one_hot(ids, D_v), beta, chunk_size)[1]``.
+
+    Per chunk, diag(b) V has one non-zero per row (b_j at column ids_j), so
+        T diag(b) V = scatter_add over columns ids_j of the columns b_j T[:, j]      O(C^2)
+        diag(b) (V - K S0) = -diag(b) K S0, plus b_j added at (j, ids_j)           O(C D_k D_v)
+    """
+    B, L, D_k = k.shape
+    S = None
+    for K, b, I in zip(k.split(chunk_size, dim=1), beta[:, :, None].split(chunk_size, dim=1),
+                       ids.split(chunk_size, dim=1)):
+        # K [B, C, D_k], b [B, C, 1], I [B, C]
+        C = K.shape[1]
+        T = chunk_transform(K, b)                                     # [B, C, C]
+        if S is None:
+            # U = T diag(b) V: column j of T (scaled by b_j) goes to value column I_j.
+            bT = T * b.transpose(1, 2)                                # [B, C, C]: T_ij b_j
+            U = k.new_zeros(B, C, d_value).scatter_add(2, I[:, None, :].expand(B, C, C), bT)
+            S = K.transpose(1, 2) @ U                                 # [B, D_k, D_v]
+        else:
+            Y = (-b * (K @ S)).scatter_add(2, I[:, :, None], b)       # diag(b)(V - K S0) [B, C, D_v]
+            S = S + K.transpose(1, 2) @ (T @ Y)
+    if S is None:
+        S = k.new_zeros(B, D_k, d_value)
+    return S
+
+
+class DeltaRuleWrite(torch.autograd.Function):
+    """Final state of the chunkwise delta rule with a hand-written backward.
+
+    Forward per chunk (K [C, D_k], b [C], entering state S0, first chunk S0 = 0):
+        G = K K^T,  A = tril(diag(b) G, -1),  T = (I + A)^-1,  R = V - K S0,
+        U = T diag(b) R,  S_next = S0 + K^T U
+    Backward, given dS_next = H (reverse order over chunks):
+        dU = K H,  dK = U H^T,  dT = dU (diag(b) R)^T,  dR~ = T^T dU  (d of diag(b) R)
+        db = rowsum(dR~ * R),  dV = diag(b) dR~,  dK -= dV S0^T,  dS0 = H - K^T dV
+        dA = -tril(T^T dT T^T, -1)                     (d(M^-1) = -M^-1 dM M^-1)
+        db += rowsum(dA * G),  dK += (diag(b) dA + (diag(b) dA)^T) K
+    Against autograd through ``delta_rule_write_one_hot`` this saves the triangular solve in
+    the backward (T is at hand: two C x C x C products instead), one of the two products for
+    d(K K^T), and with one-hot values the O(C^2 D_v) product dU (diag(b) V)^T (a gather).
+    Keeps T, U, R, G and each chunk's entering state (L / C states of D_k x D_v per sequence).
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, k, beta, v, ids, d_value, chunk_size):
+        # k [B, L, D_k], beta [B, L]; either v [B, L, D_v] (ids None) or ids [B, L] (v None)
+        B, L, D_k = k.shape
+        one_hot = ids is not None
+        chunks = []
+        S = None
+        value_chunks = ids.split(chunk_size, dim=1) if one_hot else v.split(chunk_size, dim=1)
+        for K, b, X in zip(k.split(chunk_size, dim=1), beta[:, :, None].split(chunk_size, dim=1),
+                           value_chunks):
+            # K [B, C, D_k], b [B, C, 1], X: ids [B, C] or V [B, C, D_v]
+            C = K.shape[1]
+            eye = torch.eye(C, dtype=k.dtype, device=k.device)
+            G = K @ K.transpose(1, 2)                                 # [B, C, C]
+            T = torch.linalg.solve_triangular(eye + (b * G).tril(-1), eye.expand(B, C, C),
+                                              upper=False, unitriangular=True)
+            if S is None and one_hot:
+                R = None                                              # R = V, kept as ids
+                U = k.new_zeros(B, C, d_value).scatter_add_(
+                    2, X[:, None, :].expand(B, C, C), T * b.transpose(1, 2))
+            else:
+                if S is None:
+                    R = X
+                elif one_hot:
+                    R = (K @ S).neg_().scatter_add_(2, X[:, :, None], eye.new_ones(1, 1, 1).expand(B, C, 1))
+                else:
+                    R = X - K @ S                                     # [B, C, D_v]
+                U = T @ (b * R)                                       # [B, C, D_v]
+            chunks.append((G, T, U, R, S))
+            S = K.transpose(1, 2) @ U if S is None else torch.baddbmm(S, K.transpose(1, 2), U)
+        if S is None:
+            S = k.new_zeros(B, D_k, d_value)
+        ctx.save_for_backward(k, beta, ids if one_hot else None)
+        ctx.chunks, ctx.chunk_size, ctx.one_hot = chunks, chunk_size, one_hot
+        return S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dS):
+        k, beta, ids = ctx.saved_tensors
+        chunk_size, one_hot, chunks = ctx.chunk_size, ctx.one_hot, ctx.chunks
+        K_chunks = k.split(chunk_size, dim=1)
+        b_chunks = beta[:, :, None].split(chunk_size, dim=1)
+        I_chunks = ids.split(chunk_size, dim=1) if one_hot else [None] * len(K_chunks)
+        dK_chunks, db_chunks, dV_chunks = [], [], []
+        H = dS                                                        # dL/d(state leaving chunk)
+        for K, b, I, (G, T, U, R, S0) in zip(reversed(K_chunks), reversed(b_chunks),
+                                             reversed(I_chunks), reversed(chunks)):
+            B, C, _ = K.shape
+            dU = K @ H                                                # [B, C, D_v]
+            dK = U @ H.transpose(1, 2)                                # [B, C, D_k]
+            if R is None:
+                # First chunk, one-hot: diag(b) R = diag(b) V has b_j at (j, I_j), so
+                # dT_ij = dU[i, I_j] b_j and db_j = sum_i T_ij dU[i, I_j] (gathers, O(C^2)).
+                dU_at = dU.gather(2, I[:, None, :].expand(B, C, C))   # [B, C, C]: dU[i, I_j]
+                dT = dU_at * b.transpose(1, 2)
+                db = (T * dU_at).sum(1)                               # [B, C]
+            else:
+                dT = dU @ (b * R).transpose(1, 2)                     # [B, C, C]
+                dbR = T.transpose(1, 2) @ dU                          # d(diag(b) R) [B, C, D_v]
+                db = (dbR * R).sum(-1)                                # [B, C]
+                dV = b * dbR                                          # dL/dR = dL/dV
+                if S0 is not None:
+                    dK = torch.baddbmm(dK, dV, S0.transpose(1, 2), alpha=-1)
+                    H = torch.baddbmm(H, K.transpose(1, 2), dV, alpha=-1)
+                if not one_hot:
+                    dV_chunks.append(dV)
+            Tt = T.transpose(1, 2)
+            dA = (Tt @ dT @ Tt).tril(-1).neg_()                       # [B, C, C]
+            db = db + (dA * G).sum(-1)
+            dG = b * dA
+            dK = torch.baddbmm(dK, dG + dG.transpose(1, 2), K)
+            dK_chunks.append(dK)
+            db_chunks.append(db)
+        dk = torch.cat(dK_chunks[::-1], dim=1)
+        dbeta = torch.cat(db_chunks[::-1], dim=1)
+        dv = torch.cat(dV_chunks[::-1], dim=1) if dV_chunks else None
+        return dk, dbeta, dv, None, None, None
+
+
+def delta_rule_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = DEFAULT_CHUNK,
+                     ids: Tensor | None = None, d_value: int | None = None) -> Tensor:
+    """Final delta-rule state S_L [B, D_k, D_v] with a hand-written backward.
+
+    Dense values: ``delta_rule_write(k, v, beta)``, v [B, L, D_v]. One-hot values:
+    ``delta_rule_write(k, None, beta, ids=ids, d_value=D_v)``, ids [B, L] long. Equals
+    ``delta_rule_chunkwise(None, k, v, beta, chunk_size)[1]`` (forward and backward).
+    """
+    if (v is None) == (ids is None):
+        raise ValueError("give either dense values v or one-hot ids")
+    if ids is not None and d_value is None:
+        raise ValueError("one-hot ids need d_value")
+    d_value = v.shape[2] if v is not None else int(d_value)
+    return DeltaRuleWrite.apply(k, beta, v, ids, d_value, int(chunk_size))
 
 
 class DeltaRule(UpdateRule):
@@ -78,14 +278,18 @@ class DeltaRule(UpdateRule):
     key_norm = "sum"
     query_norm = "sum"
 
-    def __init__(self, d_key: int, d_value: int, chunk_size: int = 64):
+    def __init__(self, d_key: int, d_value: int, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(d_key, d_value)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = int(chunk_size)
 
     def write(self, k, v, beta):
-        return delta_rule_chunkwise(None, k, v, beta, self.chunk_size)[1]
+        return delta_rule_write(k, v, beta, self.chunk_size)
+
+    def write_one_hot(self, k, ids, beta):
+        """``write`` for values v = one_hot(ids, d_value), without forming V (see module doc)."""
+        return delta_rule_write(k, None, beta, self.chunk_size, ids=ids, d_value=self.d_value)
 
     def read(self, state, q):
         return q @ state

@@ -1,0 +1,177 @@
+"""The fast paths (one-hot writes, hand-written backwards, the FWM retrieval loop) against the
+plain references, forward and backward, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.memory import OneHot, SoftmaxMemory, write_memory
+from models.retrieval import build_model
+from models.rules import SumRule, fwm_recurrent
+from models.rules.delta import (delta_rule_chunkwise, delta_rule_recurrent, delta_rule_write,
+                                delta_rule_write_one_hot)
+from models.rules.fwm import fwm_chunkwise, fwm_write
+from tasks import sample_batch
+from tasks.evaluation import evaluation_set
+
+
+def keys_values(B, L, D_k, D_v, generator, beta_range=(0.0, 1.0)):
+    """Sum-normalised non-negative keys, one-hot values (as ids and dense), beta."""
+    k = F.elu(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64)) + 1
+    k = (k / k.sum(-1, keepdim=True)).requires_grad_()
+    ids = torch.randint(0, D_v, (B, L), generator=generator)
+    v = F.one_hot(ids, D_v).double().requires_grad_()
+    low, high = beta_range
+    beta = (low + (high - low) * torch.rand(B, L, generator=generator, dtype=torch.float64)).requires_grad_()
+    return k, ids, v, beta
+
+
+def value_and_grads(state, inputs, generator):
+    weight = torch.randn(state.shape, generator=generator, dtype=state.dtype)
+    grads = torch.autograd.grad((state * weight).sum(), inputs, allow_unused=True)
+    return state, grads
+
+
+def assert_same(result, reference, rtol=1e-9, atol=1e-11):
+    (state, grads), (state_ref, grads_ref) = result, reference
+    torch.testing.assert_close(state, state_ref, rtol=rtol, atol=atol)
+    for grad, grad_ref in zip(grads, grads_ref):
+        if grad is not None:
+            torch.testing.assert_close(grad, grad_ref, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("L,chunk", [(40, 64), (37, 8), (70, 32), (5, 1), (64, 16)])
+@pytest.mark.parametrize("beta_range", [(0.0, 1.0), (1 - 1e-3, 1.0)])
+def test_delta_write_forms_equal_recurrent(L, chunk, beta_range, generator):
+    k, ids, v, beta = keys_values(2, L, 7, 5, generator, beta_range)
+    inputs = (k, beta, v)
+    reference = value_and_grads(delta_rule_recurrent(None, k, v, beta)[1], inputs,
+                                torch.Generator().manual_seed(0))
+    forms = {
+        "chunkwise": lambda: delta_rule_chunkwise(None, k, v, beta, chunk)[1],
+        "write dense": lambda: delta_rule_write(k, v, beta, chunk),
+        "write one-hot": lambda: delta_rule_write(k, None, beta, chunk, ids=ids, d_value=5),
+        "one-hot autograd": lambda: delta_rule_write_one_hot(k, ids, 5, beta, chunk),
+    }
+    for name, form in forms.items():
+        assert_same(value_and_grads(form(), inputs, torch.Generator().manual_seed(0)), reference)
+
+
+def test_delta_write_gradcheck(generator):
+    k, ids, v, beta = keys_values(2, 9, 4, 3, generator)
+    assert torch.autograd.gradcheck(lambda k, b, v: delta_rule_write(k, v, b, 4), (k, beta, v))
+    assert torch.autograd.gradcheck(
+        lambda k, b: delta_rule_write(k, None, b, 4, ids=ids, d_value=3), (k, beta))
+
+
+def test_delta_write_needs_one_value_form(generator):
+    k, ids, v, beta = keys_values(1, 3, 2, 2, generator)
+    with pytest.raises(ValueError):
+        delta_rule_write(k, v, beta, ids=ids, d_value=2)
+    with pytest.raises(ValueError):
+        delta_rule_write(k, None, beta, ids=ids)
+
+
+def test_sum_rule_one_hot_write_equals_dense(generator):
+    k, ids, v, _ = keys_values(3, 11, 6, 4, generator)
+    rule = SumRule(6, 4)
+    q = torch.rand(3, 2, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    y_fast = rule.read(rule.write_one_hot(k, ids), q)
+    y_dense = rule.read(rule.write(k, v.detach(), None), q)
+    torch.testing.assert_close(y_fast, y_dense, rtol=1e-12, atol=1e-14)
+    g_fast = torch.autograd.grad((y_fast ** 2).sum(), (k, q))
+    g_dense = torch.autograd.grad((y_dense ** 2).sum(), (k, q))
+    for a, b in zip(g_fast, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_one_hot_read_equals_dense(generator):
+    k, ids, v, _ = keys_values(3, 11, 6, 4, generator)
+    q = torch.randn(3, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    memory = SoftmaxMemory(6)
+    y_fast = memory(k, OneHot(ids, 4), None, q)
+    y_dense = memory(k, v.detach(), None, q)
+    torch.testing.assert_close(y_fast, y_dense, rtol=1e-12, atol=1e-14)
+    g_fast = torch.autograd.grad((y_fast ** 2).sum(), (k, q))
+    g_dense = torch.autograd.grad((y_dense ** 2).sum(), (k, q))
+    for a, b in zip(g_fast, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_rule_without_one_hot_path_gets_dense_values(generator):
+    class DenseOnly:
+        def write(self, k, v, beta):
+            return v
+    ids = torch.randint(0, 4, (2, 3), generator=generator)
+    out = write_memory(DenseOnly(), torch.zeros(2, 3, 5, dtype=torch.float64), OneHot(ids, 4), None)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, F.one_hot(ids, 4).double())
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+@pytest.mark.parametrize("L,chunk", [(30, 64), (30, 7), (70, 16), (1, 4)])
+def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator):
+    B, D_k, D_v = 3, 6, 5
+    k = (scale * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))).requires_grad_()
+    v = F.one_hot(torch.randint(0, D_v, (B, L), generator=generator), D_v).double().requires_grad_()
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64).requires_grad_()
+    inputs = (k, v, beta)
+    reference = value_and_grads(fwm_recurrent(None, k, v, beta)[1], inputs,
+                                torch.Generator().manual_seed(0))
+    for form in (fwm_chunkwise, fwm_write):
+        assert_same(value_and_grads(form(k, v, beta, chunk), inputs, torch.Generator().manual_seed(0)),
+                    reference, rtol=1e-8, atol=1e-10)
+    if scale > 1 and L > 1:  # the clip must have been active for the test to mean anything
+        assert reference[0].flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)
+
+
+def test_fwm_write_gradcheck(generator):
+    k = (2 * torch.randn(2, 8, 3, generator=generator, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(2, 8, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(2, 8, generator=generator, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda k, v, b: fwm_write(k, v, b, 3), (k, v, beta))
+
+
+def test_fwm_write_float32_long_sequence_stays_finite(generator):
+    """Large unnormalised keys over 400 steps: the clipped state never overflows in fp32."""
+    k = (5 * torch.relu(torch.randn(2, 400, 16, generator=generator, dtype=torch.float64)))
+    v = F.one_hot(torch.randint(0, 8, (2, 400), generator=generator), 8).double()
+    beta = torch.rand(2, 400, generator=generator, dtype=torch.float64)
+    S64 = fwm_recurrent(None, k, v, beta)[1]
+    k32 = k.float().requires_grad_()
+    S32 = fwm_write(k32, v.float(), beta.float())
+    S32.sum().backward()
+    assert torch.isfinite(k32.grad).all()
+    torch.testing.assert_close(S32.double(), S64, rtol=1e-3, atol=1e-4)
+
+
+COMBINATIONS = [("softmax", "sum", {}), ("linear", "sum", {}), ("dpfp", "delta", {"nu": 1}),
+                ("tanh", "fwm", {}), ("favor", "sum", {"m": 8}), ("dpfp", "fwm", {"nu": 1})]
+
+
+@pytest.mark.parametrize("feature_map,rule,options", COMBINATIONS)
+@pytest.mark.parametrize("setting", ["capacity", "overwrite"])
+def test_model_one_hot_path_equals_dense_path(feature_map, rule, options, setting, generator):
+    torch.manual_seed(0)
+    model = build_model(9, feature_map, rule, feature_options=options).double()
+    if getattr(model.memory, "phi", None) is not None and model.memory.phi.random:
+        model.memory.phi.redraw_policy = "fixed"       # the same features for both passes
+    batch = sample_batch(setting, 9, 4, generator)
+    results = []
+    for one_hot in (True, False):
+        model.one_hot_values = one_hot
+        loss = model.loss(batch)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((loss, grads))
+    (loss_fast, grads_fast), (loss_dense, grads_dense) = results
+    torch.testing.assert_close(loss_fast, loss_dense, rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads_fast, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_query_losses_equal_dense_target_formula(generator):
+    torch.manual_seed(0)
+    model = build_model(12, "dpfp", "delta", feature_options={"nu": 1}).double()
+    batch = evaluation_set("overwrite", 12, "paper", generator, num_sequences=3)
+    y = model(batch)
+    expected = 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)
+    torch.testing.assert_close(model.query_losses(batch), expected, rtol=0, atol=0)
