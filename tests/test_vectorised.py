@@ -20,6 +20,8 @@ def one_thread():
     dict(feature_map="favor", feature_options={"m": 16}, rule="sum"),    # per-member feature draws
     dict(feature_map="softmax", rule="sum"),
     dict(feature_map="linear", rule="fwl", setting="overwrite"),
+    dict(feature_map="dpfp", feature_options={"nu": 1}, rule="delta", setting="overwrite"),
+    dict(feature_map="tanh", rule="fwm", setting="overwrite"),
 ])
 def test_vectorised_seeds_match_separate_runs(fields):
     base = RunConfig(num_pairs=10, max_steps=150, eval_every=50, **fields)

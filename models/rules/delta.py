@@ -267,6 +267,12 @@ def delta_rule_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int 
     if ids is not None and d_value is None:
         raise ValueError("one-hot ids need d_value")
     d_value = v.shape[2] if v is not None else int(d_value)
+    if torch._C._are_functorch_transforms_active():
+        # Under vmap (vectorised seeds) the hand-written backward, which keeps per-chunk
+        # tensors on ctx, cannot be batched: use the equal autograd forms instead.
+        if ids is None:
+            return delta_rule_chunkwise(None, k, v, beta, int(chunk_size))[1]
+        return delta_rule_write_one_hot(k, ids, d_value, beta, int(chunk_size))
     return DeltaRuleWrite.apply(k, beta, v, ids, d_value, int(chunk_size))
 
 

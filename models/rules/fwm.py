@@ -247,6 +247,8 @@ class FWMWrite(torch.autograd.Function):
 
 def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> Tensor:
     """Final FWM state S_L [B, D_k, D_v]: ``fwm_chunkwise`` with a hand-written backward."""
+    if torch._C._are_functorch_transforms_active():
+        return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap: the autograd form
     return FWMWrite.apply(k, v, beta, int(chunk_size))
 
 
