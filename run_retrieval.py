@@ -409,6 +409,9 @@ def main(argv=None) -> int:
     from training.config import ConfigError
     from training.store import StoreError
 
+    from training.runtime import tune_allocator
+
+    tune_allocator()
     try:
         args = build_parser().parse_args(argv)
         return {"train": command_train, "list": command_list, "sweep": command_sweep,

@@ -176,7 +176,10 @@ def load_spec(path: str | os.PathLike, num_seeds: int | None = None) -> Sweep:
 # --- execution ------------------------------------------------------------------------------
 def _worker_init(threads: int) -> None:
     import torch
+
+    from training.runtime import tune_allocator
     torch.set_num_threads(threads)
+    tune_allocator()
 
 
 def run_config(config_dict: dict) -> dict:

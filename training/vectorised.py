@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from training.config import ConfigError, RunConfig
-from training.trainer import RunRecord, make_task, seed_streams
+from training.trainer import RunRecord, make_optimizer, make_task, seed_streams
 
 
 def same_but_seed(configs: list[RunConfig]) -> bool:
@@ -98,7 +98,7 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
         def member(p, b, tensors):
             return functional_call(template, (p, b), (_rebuild(example, tensors),))
         return vmap(member)(params, buffers, _stack_batches(batches))
-    optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+    optimizer = make_optimizer(params.values(), config.lr)
 
     try:
         for step in range(1, config.max_steps + 1):
