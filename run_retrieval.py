@@ -31,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train one model and store the run")
-    train.add_argument("--setting", choices=("capacity", "overwrite"), default=None,
-                       help="capacity (Setting 1, L = S) or overwrite (Setting 2, L = 2S)")
+    train.add_argument("--setting", choices=("capacity", "overwrite", "mqar"), default=None,
+                       help="capacity (Setting 1, L = S), overwrite (Setting 2, L = 2S) or mqar "
+                            "(Zoology's multi-query recall; --keys is the number of pairs)")
+    train.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON",
+                       help="mqar options: vocab_size, seq_len, power_a, filler (noise|vocab|zero), "
+                            "noise_vocab_size, eval_pairs (a JSON list), eval_examples")
     train.add_argument("--keys", "-S", type=int, default=None, help="number of pairs S")
     train.add_argument("--preset", default=None,
                        help="a named model preset (see `list`); explicit flags override it")
@@ -76,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the pending runs, run nothing")
 
     plot = commands.add_parser("plot", help="figures from a store")
-    plot.add_argument("kind", choices=("capacity", "curves", "setting2"),
+    plot.add_argument("kind", choices=("capacity", "curves", "setting2", "recall"),
                       help="capacity: Figure 2 (loss vs S); curves: Figure 3 (loss vs step); "
-                           "setting2: loss vs S per update rule on the overwrite setting")
+                           "setting2: loss vs S per update rule on the overwrite setting; "
+                           "recall: MQAR accuracy against state size")
     plot.add_argument("--store", default=DEFAULT_STORE)
     plot.add_argument("--out", required=True, help="output file (.png, .pdf or .svg)")
     plot.add_argument("--x", default="num_pairs", choices=("num_pairs", "state_size", "d_dot_ratio"),
@@ -124,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_option(text: str) -> tuple[str, object]:
+def parse_option(text: str, flag: str = "--feature-option") -> tuple[str, object]:
     name, sep, raw = text.partition("=")
     if not sep or not name:
-        raise UsageError(f"--feature-option needs NAME=VALUE, got {text!r}")
+        raise UsageError(f"{flag} needs NAME=VALUE, got {text!r}")
     try:
         return name, json.loads(raw)
     except json.JSONDecodeError:
@@ -158,8 +163,10 @@ def config_from_args(args):
     for flag, name in ((args.nu, "nu"), (args.features, "m"), (args.redraw, "redraw")):
         if flag is not None:
             options[name] = flag
-    options.update(parse_option(text) for text in args.feature_option)
+    options.update(parse_option(text, "--feature-option") for text in args.feature_option)
     fields["feature_options"] = options
+    if args.task_option:
+        fields["task_options"] = dict(parse_option(text, "--task-option") for text in args.task_option)
     if args.no_normaliser:
         fields["rule_options"] = {**fields.get("rule_options", {}), "normaliser": False}
     return RunConfig.from_dict(fields).validate()
@@ -294,7 +301,9 @@ def command_plot(args) -> int:
             out = analysis.plot_curves(curves, args.out, setting=args.setting, num_pairs=args.keys)
         else:
             runs = select_runs(args)
-            if args.kind == "setting2":
+            if args.kind == "recall":
+                out = analysis.plot_recall(runs, args.out)
+            elif args.kind == "setting2":
                 out = analysis.plot_setting2(runs, args.out, x=args.x, threshold=threshold)
             else:
                 out = analysis.plot_capacity(runs, args.out, x=args.x, setting=args.setting or "capacity",

@@ -3,7 +3,7 @@ from analysis.export import export_curves, export_runs
 from analysis.limits import DEFAULT_THRESHOLD, capacity_table, markdown_table, memory_limits
 from analysis.results import load_curves, load_runs
 
-_PLOTS = ("plot_capacity", "plot_curves", "plot_setting2", "model_palette")
+_PLOTS = ("plot_capacity", "plot_curves", "plot_setting2", "plot_recall", "model_palette")
 
 __all__ = ["load_runs", "load_curves", "memory_limits", "capacity_table", "markdown_table",
            "DEFAULT_THRESHOLD", "export_runs", "export_curves", *_PLOTS]

@@ -214,3 +214,32 @@ def plot_curves(curves: pd.DataFrame, out, setting: str | None = None,
     ax.set_title(title or f"eval loss during training{': ' + where if where else ''}")
     _legend(ax, handles)
     return _save(figure, out)
+
+
+def plot_recall(runs: pd.DataFrame, out, metric: str = "best_accuracy", title: str | None = None) -> Path:
+    """Multi-query recall against memory size (Zoology's Figure 2 style): one panel per
+    number of pairs N the models were trained on, accuracy against state size (floats in the
+    fast memory, log x), one line per model family (its label without the key width)."""
+    data = runs[runs["setting"] == "mqar"].copy()
+    if data.empty:
+        raise ValueError("no mqar runs to plot")
+    if metric not in data:
+        raise ValueError(f"the runs have no metric {metric!r}")
+    data["family"] = data["model"].str.replace(r" d_key=\d+", "", regex=True)
+    palette = model_palette(data["family"])
+    pairs = sorted(data["num_pairs"].unique())
+    figure = Figure(figsize=(3.6 * len(pairs) + 1.6, 3.6), layout="constrained")
+    axes = figure.subplots(1, len(pairs), sharey=True, squeeze=False)[0]
+    for ax, n in zip(axes, pairs):
+        panel = data[data["num_pairs"] == n]
+        sns.lineplot(data=panel, x="state_size", y=metric, hue="family", palette=palette, marker="o",
+                     errorbar=("ci", 95), ax=ax, legend=ax is axes[-1])
+        ax.set_xscale("log")
+        ax.set_title(f"N = {n} pairs")
+        ax.set_xlabel("state size (floats)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title=None)
+    figure.suptitle(title or "multi-query associative recall against state size")
+    return _save(figure, out)

@@ -36,6 +36,11 @@ def load_runs(path) -> pd.DataFrame:
     for column in options.columns:
         runs[column] = options[column].values
     runs["solved"] = runs["solved"].astype(bool)
+    if "metrics" in runs:   # e.g. best_accuracy, final_accuracy/num_kv_pairs=8
+        metrics = pd.json_normalize(list(runs["metrics"].map(lambda m: json.loads(m or "{}"))))
+        for column in metrics.columns:
+            runs[column] = metrics[column].values
+        runs = runs.drop(columns="metrics")
     runs["versions"] = runs["versions"].map(json.loads)
     return runs
 

@@ -63,10 +63,26 @@ class FastWeightMemory(nn.Module):
     def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
         """k [B, L, D_key], v [B, L, D_v] or OneHot, beta [B, L] or None, q [B, Q, D_key]
         -> [B, Q, D_v]."""
-        phi_k = normalise(self.phi(k), self.rule.key_norm)
-        phi_q = normalise(self.phi(q), self.rule.query_norm, QUERY_EPS)
+        phi_k = self.normalised(k, self.rule.key_norm, 0.0)
+        phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
         state = write_memory(self.rule, phi_k, v, beta)
         return self.rule.read(state, phi_q)
+
+
+    def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
+        """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes
+        phi(x) / sum(phi(x)) stably (FAVOR+: a softmax over [Omega x; -Omega x], where every
+        per-vector constant cancels and nothing can overflow)."""
+        if kind == "sum" and hasattr(self.phi, "sum_normalised"):
+            return self.phi.sum_normalised(x, eps)
+        return normalise(self.phi(x), kind, eps)
+
+    def causal(self, k: Tensor, v: Tensor, beta: Tensor | None, q: Tensor) -> Tensor:
+        """Token-stream form: k, q [B, T, D_key], v [B, T, D_v] -> o [B, T, D_v], where o_t
+        reads the memory after the write at t."""
+        phi_k = self.normalised(k, self.rule.key_norm, 0.0)
+        phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
+        return self.rule.causal(phi_q, phi_k, v, beta)
 
 
 class SoftmaxMemory(nn.Module):
@@ -82,6 +98,12 @@ class SoftmaxMemory(nn.Module):
 
     def state_size(self, length: int = 0, d_value: int = 0) -> int:
         return length * (self.d_key + d_value)
+
+    def causal(self, k: Tensor, v: Tensor, beta: Tensor | None, q: Tensor) -> Tensor:
+        """Causal softmax attention over a token stream: o_t attends to positions <= t."""
+        scores = q @ k.transpose(1, 2) / math.sqrt(self.d_key)           # [B, T, T]
+        future = torch.ones_like(scores, dtype=torch.bool).triu(1)
+        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
 
     def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
         scores = q @ k.transpose(1, 2) / math.sqrt(self.d_key)           # [B, Q, L]

@@ -48,3 +48,45 @@ def test_bad_knobs_raise(generator):
         mqar_batch(2, 20, generator, seq_len=64)
     with pytest.raises(ValueError, match="filler"):
         mqar_batch(2, 4, generator, filler="random")
+
+
+def test_mqar_model_state_size_and_trainable(generator):
+    from models.mqar import build_mqar_model
+    model = build_mqar_model(160, "dpfp", "delta", d_key=16, feature_options={"nu": 1})
+    assert model.state_size() == (2 * 16) * 160          # d_dot x vocabulary
+    assert build_mqar_model(160, "linear", "sum", d_key=8).state_size() == 8 * 160
+    batch = mqar_batch(4, 4, generator, vocab_size=128, seq_len=32, noise_vocab_size=32)
+    model.loss(batch).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_mqar_training_end_to_end_with_per_slice_accuracy():
+    from training.config import RunConfig
+    from training.trainer import train
+    base = dict(setting="mqar", num_pairs=4, max_steps=300, d_key=32,
+                task_options={"seq_len": 32, "eval_pairs": [2, 4, 8], "eval_examples": 64})
+    softmax = train(RunConfig(feature_map="softmax", **base), progress=False)
+    assert softmax["status"] == "done"
+    assert softmax["metrics"]["best_accuracy/num_kv_pairs=4"] > 0.9       # softmax recalls
+    small = train(RunConfig(feature_map="linear", **{**base, "d_key": 4}), progress=False)
+    # a 4-dimensional linear memory holding 8 pairs must do worse than with 2 pairs
+    assert (small["metrics"]["best_accuracy/num_kv_pairs=8"]
+            < small["metrics"]["best_accuracy/num_kv_pairs=2"])
+
+
+def test_mqar_preset_and_recall_plot(tmp_path):
+    from analysis import load_runs, plot_recall
+    from training.store import ResultsStore
+    from training.sweep import preset_sweep, run_sweep, Sweep
+    sweep = preset_sweep("mqar")
+    assert {c.setting for c in sweep.runs} == {"mqar"} and len(sweep.runs) == 8 * 3
+    tiny = [c.replace(max_steps=40, eval_every=20,
+                      task_options={"seq_len": 32, "eval_pairs": [2, 4], "eval_examples": 16})
+            for c in sweep.runs if c.num_pairs == 4 and c.d_key in (8, 16)]
+    path = tmp_path / "r.sqlite"
+    with ResultsStore(path) as store:
+        run_sweep(Sweep("tiny-mqar", tiny), store, workers=1, progress=False)
+    runs = load_runs(path)
+    assert "best_accuracy/num_kv_pairs=2" in runs.columns
+    out = plot_recall(runs, tmp_path / "recall.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -124,10 +124,11 @@ class RunConfig:
         """A short name a researcher recognises, e.g. "DPFP-2 delta", "FAVOR+ 64 sum"."""
         options = self.feature_options
         if self.feature_map == "softmax":
-            return "Softmax"
+            return "Softmax" + (f" d_key={self.d_key}" if self.d_key != 64 else "")
         names = {"linear": "Linear", "dpfp": f"DPFP-{options.get('nu', 1)}",
                  "favor": f"FAVOR+ {options.get('m', 64)}", "tanh": "tanh", "identity": "Identity"}
         name = names.get(self.feature_map, self.feature_map.rpartition(":")[2] or self.feature_map)
         extra = "".join(f" {k}={v}" for k, v in sorted(options.items())
                         if self.feature_map not in ("dpfp", "favor") or k not in ("nu", "m"))
-        return f"{name}{extra} {self.rule}"
+        width = f" d_key={self.d_key}" if self.d_key != 64 else ""
+        return f"{name}{extra} {self.rule}{width}"

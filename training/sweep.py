@@ -97,10 +97,28 @@ def quick(seeds) -> list[RunConfig]:
 UPDATE_RULE_MODELS = ["dpfp1", "dpfp1-delta", "schlag2021-dpfp1", "dpfp1-fwl"]
 
 
+UPDATE_RULE_PAIRS = [20, 60, 100, 150, 200]
+UPDATE_RULE_MAX_STEPS = 3000
+
+
 def update_rules(seeds) -> list[RunConfig]:
-    """sum, delta, fwm and fwl (all with DPFP-1 keys) on both settings, S = 20, 40, ..., 200."""
+    """sum, delta, fwm and fwl (all with DPFP-1 keys) on both settings, S = 20 .. 200
+    (5 sizes; runs capped at 3000 steps to fit a laptop: a comparison, not the paper's sweep)."""
     return expand([{"preset": m} for m in UPDATE_RULE_MODELS], ["capacity", "overwrite"],
-                  range(20, 201, 20), seeds)
+                  UPDATE_RULE_PAIRS, seeds, {"max_steps": UPDATE_RULE_MAX_STEPS})
+
+
+MQAR_PAIRS = [4, 8, 16]
+
+
+def mqar(seeds) -> list[RunConfig]:
+    """Zoology-style recall against state size: Linear (sum) and DPFP-1 (delta) at key widths
+    8..64 and softmax, trained on N = 4, 8, 16 pairs (laptop-sized task, 2000-step cap)."""
+    models = ([{"preset": "linear", "d_key": d} for d in (8, 16, 32, 64)]
+              + [{"preset": "dpfp1-delta", "d_key": d} for d in (8, 16, 32)]
+              + [{"preset": "softmax", "d_key": 32}])
+    return expand(models, ["mqar"], MQAR_PAIRS, seeds,
+                  {"max_steps": 2000, "task_options": {"eval_pairs": MQAR_PAIRS}})
 
 
 SWEEP_PRESETS: dict[str, Callable] = {
@@ -108,6 +126,7 @@ SWEEP_PRESETS: dict[str, Callable] = {
     "paper-setting2": paper_setting2,
     "quick": quick,
     "update-rules": update_rules,
+    "mqar": mqar,
 }
 
 

@@ -104,8 +104,9 @@ class MQARTask(RetrievalTask):
     """Zoology's multi-query associative recall (tasks/mqar.py) with the same loss and protocol;
     evaluation reports accuracy per slice (number of pairs)."""
 
-    DEFAULTS = {"vocab_size": 256, "seq_len": 128, "power_a": 0.01, "filler": "noise",
-                "noise_vocab_size": 64, "eval_pairs": None, "eval_examples": 256}
+    # Laptop-sized defaults (Zoology's figures use vocab 8192, seq_len 64..512).
+    DEFAULTS = {"vocab_size": 128, "seq_len": 64, "power_a": 0.01, "filler": "noise",
+                "noise_vocab_size": 32, "eval_pairs": None, "eval_examples": 128}
 
     def __init__(self, config: RunConfig):
         super().__init__(config)

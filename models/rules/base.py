@@ -35,6 +35,11 @@ class UpdateRule(nn.Module):
         """Retrieved values [B, Q, D_v] for queries q [B, Q, D_k]."""
         raise NotImplementedError
 
+    def causal(self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor | None) -> Tensor:
+        """Per-position outputs o_t = read(S_t, q_t) [B, L, D_v] for a token stream, where S_t
+        holds the writes of positions <= t (strictly < t for the fwl rule, as in the FWL)."""
+        raise NotImplementedError(f"update rule {self.name!r} has no causal form")
+
     def state_size(self) -> int:
         """Floats in the fast memory of one sequence."""
         return self.d_key * self.d_value

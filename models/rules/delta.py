@@ -300,5 +300,8 @@ class DeltaRule(UpdateRule):
     def read(self, state, q):
         return q @ state
 
+    def causal(self, q, k, v, beta):
+        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size)[0]
+
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}"

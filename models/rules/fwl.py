@@ -79,5 +79,8 @@ class FWLRule(UpdateRule):
     def read(self, state, q):
         return q @ state
 
+    def causal(self, q, k, v, beta=None):
+        return fwl_rule_parallel(q, k, v, self.S0, self.eta, self.loss)[0]
+
     def extra_repr(self) -> str:
         return f"loss={self.loss}"

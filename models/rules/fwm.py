@@ -263,3 +263,7 @@ class FWMRule(UpdateRule):
 
     def read(self, state, q):
         return F.layer_norm(q @ state, (state.shape[-1],))
+
+    def causal(self, q, k, v, beta):
+        o, _ = fwm_recurrent(q, k, v, beta)                            # [B, L, D_v]
+        return F.layer_norm(o, (o.shape[-1],))

@@ -76,6 +76,9 @@ class SumRule(UpdateRule):
         """``write`` for values v = one_hot(ids, d_value), as a scatter-add."""
         return sum_rule_write_one_hot(k, ids, self.d_value)
 
+    def causal(self, q, k, v, beta=None):
+        return linear_attention_parallel(q, k, v, self.normaliser)[0]
+
     def read(self, state, q):
         S, z = state
         o = q @ S                                                     # [B, Q, D_v]
