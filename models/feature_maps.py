@@ -139,25 +139,22 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None) -> Te
     return torch.cat(blocks, dim=0)
 
 
-class FAVORPlus(FeatureMap):
-    """FAVOR+ positive random features (Choromanski et al. 2021, arXiv 2009.14794).
-
-    phi(x) = (2m)^-1/2 exp(-|x|^2 / 2) [exp(Omega x); exp(-Omega x)], Omega [m, D_k] orthogonal
-    random rows; d_dot = 2m. E[phi(q) . phi(k)] = exp(q . k). Computed in log space.
+class RandomFeatureMap(FeatureMap):
+    """Base of maps built on m orthogonal random projections Omega [m, D_k]; d_dot = 2m.
 
     redraw: "per_call" draws a new Omega at every model forward (as the original paper code,
     training and evaluation alike); "fixed" keeps the Omega drawn at construction.
     """
 
-    nonnegative = True
     random = True
+    name = "random features"
 
     def __init__(self, d_key: int, m: int = 64, redraw: str = "per_call"):
         super().__init__(d_key)
         if int(m) != m or m < 1:
-            raise ValueError(f"favor needs m >= 1 random features, got {m}")
+            raise ValueError(f"{self.name} needs m >= 1 random features, got {m}")
         if redraw not in ("per_call", "fixed"):
-            raise ValueError(f"favor redraw must be 'per_call' or 'fixed', got {redraw!r}")
+            raise ValueError(f"{self.name} redraw must be 'per_call' or 'fixed', got {redraw!r}")
         self.m = int(m)
         self.redraw_policy = redraw
         self.register_buffer("omega", orthogonal_gaussian(self.m, d_key, None))
@@ -168,6 +165,18 @@ class FAVORPlus(FeatureMap):
 
     def redraw(self, generator: torch.Generator | None = None) -> None:
         self.omega = orthogonal_gaussian(self.m, self.d_key, generator).to(self.omega)
+
+
+class FAVORPlus(RandomFeatureMap):
+    """FAVOR+ positive random features (Choromanski et al. 2021, arXiv 2009.14794).
+
+    phi(x) = (2m)^-1/2 exp(-|x|^2 / 2) [exp(Omega x); exp(-Omega x)], Omega [m, D_k] orthogonal
+    random rows; d_dot = 2m. E[phi(q) . phi(k)] = exp(q . k). Computed in log space.
+    Redraw policy: see RandomFeatureMap.
+    """
+
+    nonnegative = True
+    name = "favor"
 
     def _log_features(self, x: Tensor) -> Tensor:
         """log phi(x) [..., 2m]: [Omega x; -Omega x] - |x|^2 / 2 - log(2m) / 2."""
@@ -300,7 +309,7 @@ class Hedgehog(FeatureMap):
         return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)          # [..., 2 D_k]
 
 
-class RandomFourier(FeatureMap):
+class RandomFourier(RandomFeatureMap):
     """Trigonometric random features (Rahimi & Recht 2007; Performer's "trig" features,
     Choromanski et al. 2021, arXiv 2009.14794).
 
@@ -318,28 +327,14 @@ class RandomFourier(FeatureMap):
     redraw: "per_call" (a new Omega at every model forward) or "fixed", as FAVOR+.
     """
 
-    random = True
+    name = "random_fourier"
 
     def __init__(self, d_key: int, m: int = 64, redraw: str = "per_call",
                  kernel: str = "gaussian"):
-        super().__init__(d_key)
-        if int(m) != m or m < 1:
-            raise ValueError(f"random_fourier needs m >= 1 random features, got {m}")
-        if redraw not in ("per_call", "fixed"):
-            raise ValueError(f"random_fourier redraw must be 'per_call' or 'fixed', got {redraw!r}")
+        super().__init__(d_key, m, redraw)
         if kernel not in ("exp", "gaussian"):
             raise ValueError(f"random_fourier kernel must be 'exp' or 'gaussian', got {kernel!r}")
-        self.m = int(m)
-        self.redraw_policy = redraw
         self.kernel = kernel
-        self.register_buffer("omega", orthogonal_gaussian(self.m, d_key, None))
-
-    @property
-    def d_dot(self) -> int:
-        return 2 * self.m
-
-    def redraw(self, generator: torch.Generator | None = None) -> None:
-        self.omega = orthogonal_gaussian(self.m, self.d_key, generator).to(self.omega)
 
     def forward(self, x: Tensor) -> Tensor:
         u = x @ self.omega.T                                              # [..., m]
