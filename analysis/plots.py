@@ -23,6 +23,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from analysis.limits import DEFAULT_THRESHOLD
 
@@ -216,13 +217,22 @@ def plot_curves(curves: pd.DataFrame, out, setting: str | None = None,
     return _save(figure, out)
 
 
-def plot_recall(runs: pd.DataFrame, out, metric: str = "best_accuracy", title: str | None = None) -> Path:
+def plot_recall(runs: pd.DataFrame, out, metric: str = "own_slice", title: str | None = None) -> Path:
     """Multi-query recall against memory size (Zoology's Figure 2 style): one panel per
     number of pairs N the models were trained on, accuracy against state size (floats in the
-    fast memory, log x), one line per model family (its label without the key width)."""
+    memory, log x), one line per model family (its label without the key width).
+
+    metric "own_slice": accuracy (at the best evaluation) on the slice of N pairs the model was
+    trained on; any other metric column of ``load_runs`` (e.g. "best_accuracy", the mean over
+    the evaluation slices) can be named instead."""
     data = runs[runs["setting"] == "mqar"].copy()
     if data.empty:
         raise ValueError("no mqar runs to plot")
+    if metric == "own_slice":
+        columns = [f"best_accuracy/num_kv_pairs={n}" for n in data["num_pairs"]]
+        if not all(c in data for c in columns):
+            raise ValueError("runs lack per-slice accuracy for their own number of pairs")
+        data[metric] = [row[c] for c, (_, row) in zip(columns, data.iterrows())]
     if metric not in data:
         raise ValueError(f"the runs have no metric {metric!r}")
     data["family"] = data["model"].str.replace(r" d_key=\d+", "", regex=True)
@@ -235,6 +245,7 @@ def plot_recall(runs: pd.DataFrame, out, metric: str = "best_accuracy", title: s
         sns.lineplot(data=panel, x="state_size", y=metric, hue="family", palette=palette, marker="o",
                      errorbar=("ci", 95), ax=ax, legend=ax is axes[-1])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels collide on short ranges
         ax.set_title(f"N = {n} pairs")
         ax.set_xlabel("state size (floats)")
         ax.set_ylabel("accuracy")

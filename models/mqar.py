@@ -42,6 +42,7 @@ class MQARModel(nn.Module):
         nn.init.uniform_(self.W_K.weight, -bound, bound)
         nn.init.uniform_(self.W_Q.weight, -bound, bound)
         self.redraw_generator: torch.Generator | None = None
+        self.context_length = 0    # tokens a softmax memory stores (set by the task)
 
     @property
     def d_dot(self) -> int | None:
@@ -50,7 +51,7 @@ class MQARModel(nn.Module):
     def state_size(self, length: int | None = None) -> int:
         """Floats in the memory of one sequence (softmax: its keys and values, for ``length``)."""
         if isinstance(self.memory, SoftmaxMemory):
-            return self.memory.state_size(length or 0, self.vocab_size)
+            return self.memory.state_size(length or self.context_length, self.vocab_size)
         return self.memory.state_size()
 
     def forward(self, batch: MQARBatch) -> Tensor:

@@ -123,8 +123,10 @@ class MQARTask(RetrievalTask):
         from models.mqar import build_mqar_model
         c = self.config
         vocab = mqar_batch(1, c.num_pairs, torch.Generator().manual_seed(0), **self.options).vocab_size
-        return build_mqar_model(vocab, c.feature_map, c.rule, c.d_key, c.d_emb,
-                                c.feature_options, c.rule_options)
+        model = build_mqar_model(vocab, c.feature_map, c.rule, c.d_key, c.d_emb,
+                                 c.feature_options, c.rule_options)
+        model.context_length = self.options["seq_len"]
+        return model
 
     def check(self) -> None:
         for pairs in {self.config.num_pairs, *self.eval_pairs}:
