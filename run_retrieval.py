@@ -203,6 +203,7 @@ def command_list(args) -> int:
     from models.feature_maps import FEATURE_MAPS, build_feature_map
     from models.rules import UPDATE_RULES
     from training.presets import MODEL_PRESETS
+    from training.sweep import SWEEP_PRESETS
 
     d_key = 64
     print(f"feature maps (d_dot for d_key = {d_key}):")
@@ -222,9 +223,14 @@ def command_list(args) -> int:
     print("settings:")
     print("  capacity   Setting 1: S distinct keys and values, L = S")
     print("  overwrite  Setting 2: keys and values with replacement, L = 2S, last value wins")
+    print("  mqar       Zoology's multi-query associative recall (--keys = number of pairs)")
     print("model presets (train --preset NAME):")
     for name, fields in MODEL_PRESETS.items():
         print(f"  {name:<18} {json.dumps(fields)}")
+    print("sweep presets (sweep --preset NAME):")
+    for name, build in SWEEP_PRESETS.items():
+        doc = " ".join((build.__doc__ or "").split())
+        print(f"  {name:<15} {len(build([0])):>4} runs per seed. {doc}")
     return 0
 
 

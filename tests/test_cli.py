@@ -60,6 +60,7 @@ def test_list_shows_maps_with_d_dot():
     assert result.returncode == 0
     assert "d_dot = 384" in result.stdout            # DPFP-3 at d_key = 64
     assert "schlag2021-tanh" in result.stdout and "delta" in result.stdout
+    assert "paper-setting1   240 runs per seed" in result.stdout
 
 
 def test_preset_sets_its_hyper_parameters(tmp_path):
