@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="FAVOR+ redraw policy (default per_call, as the paper)")
     train.add_argument("--feature-option", action="append", default=[], metavar="NAME=JSON",
                        help="any other feature-map constructor option, e.g. --feature-option eps=0.1")
-    train.add_argument("--rule", default=None, help="update rule: sum, delta, fwm")
+    train.add_argument("--rule", default=None, help="update rule: sum, delta, fwm, fwl")
     train.add_argument("--no-normaliser", action="store_true",
                        help="sum rule without the attention denominator")
     train.add_argument("--seed", type=int, default=None)
