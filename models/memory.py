@@ -33,6 +33,14 @@ class OneHot(NamedTuple):
         return F.one_hot(self.ids, self.size).to(dtype)
 
 
+def per_call_features(memory: nn.Module):
+    """The memory's feature map if it draws new random features at every forward, else None."""
+    phi = getattr(memory, "phi", None)
+    if getattr(phi, "random", False) and getattr(phi, "redraw_policy", "per_call") == "per_call":
+        return phi
+    return None
+
+
 def write_memory(rule: nn.Module, k: Tensor, v: Tensor | OneHot, beta: Tensor | None):
     """rule.write(k, v, beta), through the rule's one-hot fast path when it has one."""
     if isinstance(v, OneHot):

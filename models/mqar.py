@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.memory import FastWeightMemory, SoftmaxMemory
+from models.memory import FastWeightMemory, SoftmaxMemory, per_call_features
 from tasks.mqar import MQARBatch
 
 
@@ -56,8 +56,8 @@ class MQARModel(nn.Module):
 
     def forward(self, batch: MQARBatch) -> Tensor:
         """y [B, T, V]: the memory's answer at every position."""
-        phi = getattr(self.memory, "phi", None)
-        if getattr(phi, "random", False) and getattr(phi, "redraw_policy", "per_call") == "per_call":
+        phi = per_call_features(self.memory)
+        if phi is not None:
             phi.redraw(self.redraw_generator)
         tokens = batch.inputs                                                 # [B, T]
         e = self.embedding(tokens)                                            # [B, T, d_emb]

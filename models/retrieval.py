@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.memory import FastWeightMemory, OneHot, SoftmaxMemory
+from models.memory import FastWeightMemory, OneHot, SoftmaxMemory, per_call_features
 from tasks.associative import RetrievalBatch
 
 
@@ -85,8 +85,8 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: RetrievalBatch) -> Tensor:
         """Retrieved value vectors y [B, Q, S] for every query of the batch."""
-        phi = getattr(self.memory, "phi", None)
-        if getattr(phi, "random", False) and getattr(phi, "redraw_policy", "per_call") == "per_call":
+        phi = per_call_features(self.memory)
+        if phi is not None:
             phi.redraw(self.redraw_generator)
         k = self._project(self.W_K, batch.keys, batch.values)               # [B, L, D_key]
         q = self.W_Q(self.embedding(batch.queries))                          # [B, Q, D_key]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.rules import (delta_rule_chunkwise, delta_rule_recurrent, fwm_recurrent, fwm_scaled,
+from models.rules import (delta_rule_chunkwise, delta_rule_recurrent, fwm_recurrent, fwm_write,
                           linear_attention_parallel, linear_attention_recurrent)
 
 
@@ -100,13 +100,13 @@ def test_delta_rule_overwrites():
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])
-def test_fwm_scaled_equals_recurrent(scale, generator):
+def test_fwm_write_equals_recurrent(scale, generator):
     B, L, D_k, D_v = 3, 30, 6, 5
     k = (scale * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))).requires_grad_()
     v = torch.nn.functional.one_hot(torch.randint(0, D_v, (B, L), generator=generator), D_v).double()
     beta = torch.rand(B, L, generator=generator, dtype=torch.float64).requires_grad_()
     _, S_ref = fwm_recurrent(None, k, v, beta)
-    S_fast = fwm_scaled(k, v, beta)
+    S_fast = fwm_write(k, v, beta)
     torch.testing.assert_close(S_fast, S_ref, rtol=1e-9, atol=1e-12)
     w = torch.randn(S_ref.shape, generator=generator, dtype=torch.float64)
     g_ref = torch.autograd.grad((S_ref * w).sum(), (k, beta))

@@ -19,6 +19,7 @@ import copy
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+from models.memory import per_call_features
 from training.config import ConfigError, RunConfig
 from training.trainer import RunRecord, make_optimizer, make_task, seed_streams
 
@@ -50,13 +51,6 @@ def _rebuild(example, tensors: dict):
     return type(example)(**{**vars(example), **tensors})
 
 
-def _random_features(model):
-    phi = getattr(model.memory, "phi", None)
-    if getattr(phi, "random", False) and getattr(phi, "redraw_policy", "per_call") == "per_call":
-        return phi
-    return None
-
-
 def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
     """Train configs that differ only in seed as one vectorised group; returns their records."""
     if not configs:
@@ -77,10 +71,10 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
 
     params, buffers = stack_module_state(models)
     template = copy.deepcopy(models[0])
-    template_phi = _random_features(template)
+    template_phi = per_call_features(template.memory)
     if template_phi is not None:
         template_phi.redraw_policy = "fixed"   # draws happen per member, outside vmap
-    phis = [_random_features(m) for m in models]
+    phis = [per_call_features(m.memory) for m in models]
 
     def refresh_random_features():
         # Each member draws from its own stream, exactly as its sequential run would.

@@ -2,7 +2,7 @@
 from models.rules.base import UpdateRule
 from models.rules.delta import DeltaRule, delta_rule_chunkwise, delta_rule_recurrent
 from models.rules.fwl import FWLRule, fwl_rule_parallel, fwl_rule_recurrent
-from models.rules.fwm import FWMRule, fwm_recurrent, fwm_scaled
+from models.rules.fwm import FWMRule, fwm_chunkwise, fwm_recurrent, fwm_write
 from models.rules.sum import SumRule, linear_attention_parallel, linear_attention_recurrent
 
 UPDATE_RULES: dict[str, type[UpdateRule]] = {
@@ -25,6 +25,6 @@ def build_rule(name: str, d_key: int, d_value: int, **options) -> UpdateRule:
 __all__ = [
     "UPDATE_RULES", "UpdateRule", "build_rule", "SumRule", "DeltaRule", "FWMRule",
     "linear_attention_recurrent", "linear_attention_parallel", "delta_rule_recurrent",
-    "delta_rule_chunkwise", "fwm_recurrent", "fwm_scaled", "FWLRule", "fwl_rule_parallel",
+    "delta_rule_chunkwise", "fwm_recurrent", "fwm_chunkwise", "fwm_write", "FWLRule", "fwl_rule_parallel",
     "fwl_rule_recurrent",
 ]
