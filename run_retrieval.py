@@ -234,6 +234,11 @@ def command_list(args) -> int:
     return 0
 
 
+def check_workers(workers) -> None:
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+
+
 def load_sweep(args):
     from training.sweep import load_spec, preset_sweep
     if args.seeds is not None and args.seeds < 1:
@@ -247,13 +252,28 @@ def command_sweep(args) -> int:
     from tqdm.auto import tqdm
 
     from training.store import ResultsStore
-    from training.sweep import pending_runs, run_sweep
+    from training.sweep import run_sweep
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    check_workers(args.workers)
     sweep = load_sweep(args)
     for config in sweep.runs:      # every run checked before anything starts
         config.validate()
+    if args.backend == "ray":
+        try:
+            import ray  # noqa: F401  (checked before the store is touched)
+        except ImportError:
+            raise UsageError("--backend ray needs Ray: pip install 'ray>=2.9'") from None
+    if args.dry_run:
+        from pathlib import Path
+        stored = set()
+        if Path(args.store).exists():
+            with ResultsStore(args.store, create=False) as store:
+                stored = store.run_ids() - store.failed_run_ids()
+        pending = [c for c in {c.run_id: c for c in sweep.runs}.values() if c.run_id not in stored]
+        print(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(pending)} not yet in {args.store}")
+        for config in pending:
+            print(f"  {config.model_label} {config.setting} S={config.num_pairs} seed={config.seed}")
+        return 0
     log_file = open(args.log, "a") if args.log else None
 
     def log(line: str) -> None:
@@ -263,12 +283,6 @@ def command_sweep(args) -> int:
             log_file.flush()
 
     with ResultsStore(args.store) as store:
-        if args.dry_run:
-            pending = pending_runs(sweep, store)
-            print(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(pending)} not yet in {args.store}")
-            for config in pending:
-                print(f"  {config.model_label} {config.setting} S={config.num_pairs} seed={config.seed}")
-            return 0
         start = time.perf_counter()
         counts = run_sweep(sweep, store, args.workers, args.backend, args.ray_address,
                            progress=not args.quiet, log=log)
@@ -343,6 +357,8 @@ def parse_keys(text: str) -> list[int]:
     try:
         if ":" in text:
             start, stop, step = (int(x) for x in text.split(":"))
+            if step < 1:
+                raise ValueError
             values = list(range(start, stop + 1, step))
         else:
             values = [int(x) for x in text.split(",") if x.strip()]
@@ -365,6 +381,7 @@ def command_capacity(args) -> int:
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    check_workers(args.workers)
     keys = parse_keys(args.keys)
     options = dict(parse_option(text) for text in args.feature_option)
     yours = {"feature_map": args.feature_map, "feature_options": options, "rule": args.rule}
@@ -401,6 +418,7 @@ def command_demo(args) -> int:
     from training.sweep import preset_sweep, run_sweep
     from tqdm.auto import tqdm
 
+    check_workers(args.workers)
     sweep = preset_sweep("quick")
     start = time.perf_counter()
     with ResultsStore(args.store) as store:
@@ -434,6 +452,10 @@ def main(argv=None) -> int:
                 "demo": command_demo}[args.command](args)
     except (UsageError, ConfigError, StoreError) as error:
         print(f"run_retrieval.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:   # an output path that cannot be written, a --log directory, ...
+        where = f": {error.filename}" if error.filename else ""
+        print(f"run_retrieval.py: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("run_retrieval.py: interrupted; finished runs are in the store", file=sys.stderr)

@@ -91,6 +91,8 @@ def build_mqar_model(vocab_size: int, feature_map: str, rule: str, d_key: int = 
     if feature_map == "softmax":
         if rule != "sum":
             raise ValueError("the softmax baseline has no update rule: use --rule sum")
+        if feature_options or rule_options:
+            raise ValueError("softmax takes no feature-map or update-rule options")
         return MQARModel(vocab_size, SoftmaxMemory(d_key), d_key, d_emb)
     phi = build_feature_map(feature_map, d_key, **(feature_options or {}))
     update_rule = build_rule(rule, phi.d_dot, vocab_size, **(rule_options or {}))

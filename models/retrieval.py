@@ -125,6 +125,8 @@ def build_model(num_pairs: int, feature_map: str, rule: str, d_key: int = 64,
             raise ValueError("the softmax baseline has no update rule: use --rule sum")
         if feature_options:
             raise ValueError(f"softmax takes no feature-map options, got {sorted(feature_options)}")
+        if rule_options:
+            raise ValueError(f"softmax takes no update-rule options, got {sorted(rule_options)}")
         return RetrievalModel(num_pairs, SoftmaxMemory(d_key), d_key, d_emb)
     phi = build_feature_map(feature_map, d_key, **(feature_options or {}))
     update_rule = build_rule(rule, phi.d_dot, num_pairs, **(rule_options or {}))

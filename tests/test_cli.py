@@ -158,3 +158,45 @@ def test_capacity_refuses_a_map_that_breaks_its_contract(tmp_path):
     wide = cli("capacity", "--feature-map", f"{user_file}:WrongWidth", "--store", str(store), "--quiet")
     assert wide.returncode == 2 and "128" in wide.stderr and "64" in wide.stderr
     assert not store.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sweep", "--spec", "."], "cannot read sweep spec"),
+    (["capacity", "--feature-map", "linear", "--workers", "-1"], "--workers must be >= 1"),
+    (["capacity", "--feature-map", "linear", "--keys", "20:40:0"], "--keys needs"),
+    (["train", "--keys", "10", "--feature-map", "linear", "--seed", "99999999999999999999"], "seed must be"),
+    (["train", "--keys", "10", "--feature-map", "softmax", "--no-normaliser"], "softmax takes no"),
+    (["train", "--setting", "mqar", "--keys", "4", "--feature-map", "linear",
+      "--task-option", "eval_pairs=8"], "eval_pairs"),
+    (["train", "--setting", "mqar", "--keys", "4", "--feature-map", "linear",
+      "--task-option", "power_a=0"], "power_a"),
+    (["sweep", "--preset", "quick", "--dry-run"], "not yet in"),
+])
+def test_more_bad_input_is_one_line_and_store_untouched(tmp_path, args, message):
+    store = tmp_path / "r.sqlite"
+    result = cli(*args, "--store", str(store))
+    output = result.stdout if "--dry-run" in args else result.stderr
+    assert message in output
+    if "--dry-run" not in args:
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert not store.exists()
+
+
+def test_bad_spec_values_are_one_line_errors(tmp_path):
+    for text in ("num_pairs = {start = 20, stop = 40, step = 0}\n[[models]]\npreset = 'linear'\n",
+                 "num_pairs = {stop = 40}\n[[models]]\npreset = 'linear'\n",
+                 "num_pairs = [8]\nmodels = ['linear']\n",
+                 "num_pairs = [8]\n[defaults]\nlr = 'abc'\n[[models]]\npreset = 'linear'\n",
+                 "num_pairs = [8]\n[[models]]\npreset = 'linear'\nfeature_options = 3\n"):
+        spec = tmp_path / "spec.toml"
+        spec.write_text(text)
+        result = cli("sweep", "--spec", str(spec), "--store", str(tmp_path / "r.sqlite"))
+        assert result.returncode == 2, (text, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_unwritable_output_is_one_line_error(small_store, tmp_path):
+    result = cli("export", "--store", str(small_store), "--out", str(tmp_path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1

@@ -29,8 +29,9 @@ def test_put_and_load(tmp_path, result):
         assert store.has_run(result["run_id"])
         assert store.count() == 1
         assert len(store.curve(result["run_id"])) == len(result["curve"])
-        with pytest.raises(sqlite3.IntegrityError):   # a rerun never duplicates a row
-            store.put_run(result)
+        # a second writer of the same run (another process sharing the store) is ignored
+        assert store.put_run({**result, "best_eval_loss": -1.0}) is False
+        assert store.get_run(result["run_id"])["best_eval_loss"] == result["best_eval_loss"]
         store.put_run(result, replace=True)
         assert store.count() == 1
     runs = load_runs(path)

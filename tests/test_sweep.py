@@ -146,3 +146,14 @@ def test_update_rules_preset_compares_four_rules_on_both_settings():
     assert {c.setting for c in sweep.runs} == {"capacity", "overwrite"}
     assert len(sweep.runs) == 4 * 2 * 5
     assert min(c.num_pairs for c in sweep.runs) == 20 and max(c.num_pairs for c in sweep.runs) == 200
+
+
+def test_failed_runs_are_retried_on_resume(tmp_path):
+    sweep = load_spec(write_spec(tmp_path, steps=20))
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        run_sweep(sweep, store, workers=1, progress=False)
+        victim = sweep.runs[0].run_id
+        store.conn.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", (victim,))
+        assert [c.run_id for c in pending_runs(sweep, store)] == [victim]
+        assert run_sweep(sweep, store, workers=1, progress=False)["ran"] == 1
+        assert store.get_run(victim)["status"] == "done" and store.count() == len(sweep.runs)

@@ -82,16 +82,28 @@ class RunConfig:
                 raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
         if self.d_emb is not None and (not isinstance(self.d_emb, int) or self.d_emb < 1):
             raise ConfigError(f"d_emb must be a positive integer or null, got {self.d_emb!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
+            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
+        if not isinstance(self.stop_loss, (int, float)) or isinstance(self.stop_loss, bool):
+            raise ConfigError(f"stop_loss must be a number, got {self.stop_loss!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for name in ("feature_options", "rule_options", "task_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a table of options, got {getattr(self, name)!r}")
+        for name in ("setting", "feature_map", "rule", "protocol"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
         # Building the task and the model checks every option, the feature map and the rule.
+        import torch
         try:
             from training.trainer import make_task
-            make_task(self).check()
+            with torch.random.fork_rng(devices=[]):    # building a model draws its init
+                make_task(self).check()
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        except TypeError as error:
+            raise ConfigError(f"bad option value ({error})") from None
         return self
 
     def to_dict(self) -> dict:
@@ -131,4 +143,5 @@ class RunConfig:
         extra = "".join(f" {k}={v}" for k, v in sorted(options.items())
                         if self.feature_map not in ("dpfp", "favor") or k not in ("nu", "m"))
         width = f" d_key={self.d_key}" if self.d_key != 64 else ""
-        return f"{name}{extra} {self.rule}{width}"
+        rule_extra = "".join(f" {k}={v}" for k, v in sorted(self.rule_options.items()))
+        return f"{name}{extra} {self.rule}{rule_extra}{width}"

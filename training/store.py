@@ -145,8 +145,11 @@ class ResultsStore:
         return self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
     # --- writes --------------------------------------------------------------------------
-    def put_run(self, result: dict, replace: bool = False) -> None:
-        """Write a finished run (a dict from training.trainer) and its curve atomically."""
+    def put_run(self, result: dict, replace: bool = False) -> bool:
+        """Write a finished run (a dict from training.trainer) and its curve atomically.
+
+        Returns False (and writes nothing) when the run is already stored and ``replace`` is
+        False: another process sharing the store may have finished the same run first."""
         row = dict(result)
         curve = row.pop("curve")
         row["config"] = json.dumps(row["config"], sort_keys=True)
@@ -158,11 +161,18 @@ class ResultsStore:
         with self.transaction():
             if replace:
                 self.conn.execute("DELETE FROM runs WHERE run_id = ?", (row["run_id"],))
-            self.conn.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
-                              f"({', '.join('?' * len(RUN_COLUMNS))})", values)
+            inserted = self.conn.execute(
+                f"INSERT OR IGNORE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(RUN_COLUMNS))})", values).rowcount
+            if not inserted:
+                return False
             self.conn.executemany("INSERT INTO eval_curve (run_id, step, eval_loss, train_loss) "
                                   "VALUES (?, ?, ?, ?)",
                                   [(row["run_id"], s, e, t) for s, e, t in curve])
+        return True
+
+    def failed_run_ids(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT run_id FROM runs WHERE status = 'failed'")}
 
 
 class _Transaction:

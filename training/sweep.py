@@ -167,6 +167,8 @@ def load_spec(path: str | os.PathLike, num_seeds: int | None = None) -> Sweep:
         spec = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"sweep spec {path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read sweep spec {path} ({error.strerror or error})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"sweep spec {path} is not valid TOML ({error})") from None
     unknown = sorted(set(spec) - SPEC_FIELDS)
@@ -174,19 +176,23 @@ def load_spec(path: str | os.PathLike, num_seeds: int | None = None) -> Sweep:
         raise ConfigError(f"sweep spec {path}: unknown field(s) {', '.join(unknown)}")
     if not spec.get("models"):
         raise ConfigError(f"sweep spec {path}: no [[models]]")
-    num_pairs = spec.get("num_pairs", [])
-    if isinstance(num_pairs, dict):
-        extra = sorted(set(num_pairs) - {"start", "stop", "step"})
-        if extra:
-            raise ConfigError(f"sweep spec {path}: num_pairs takes start, stop, step; not {', '.join(extra)}")
-        num_pairs = list(range(num_pairs["start"], num_pairs["stop"] + 1, num_pairs.get("step", 1)))
-    seeds = spec.get("seeds", 1) if num_seeds is None else num_seeds
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    defaults = spec.get("defaults", {})
     try:
-        runs = expand(spec["models"], spec.get("settings", ["capacity"]), num_pairs, seeds, defaults)
-    except (KeyError, TypeError) as error:
+        num_pairs = spec.get("num_pairs", [])
+        if isinstance(num_pairs, dict):
+            extra = sorted(set(num_pairs) - {"start", "stop", "step"})
+            if extra:
+                raise ConfigError(f"num_pairs takes start, stop, step; not {', '.join(extra)}")
+            num_pairs = list(range(num_pairs["start"], num_pairs["stop"] + 1, num_pairs.get("step", 1)))
+        seeds = spec.get("seeds", 1) if num_seeds is None else num_seeds
+        seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+        if not all(isinstance(m, dict) for m in spec["models"]):
+            raise ConfigError("each [[models]] entry must be a table of fields")
+        runs = expand(spec["models"], spec.get("settings", ["capacity"]), num_pairs, seeds,
+                      spec.get("defaults", {}))
+    except ConfigError as error:
         raise ConfigError(f"sweep spec {path}: {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"sweep spec {path}: bad value ({type(error).__name__}: {error})") from None
     if not runs:
         raise ConfigError(f"sweep spec {path} describes no runs (empty num_pairs or seeds?)")
     return Sweep(spec.get("name", path.stem), runs, spec.get("description", ""))
@@ -208,8 +214,9 @@ def run_config(config_dict: dict) -> dict:
 
 
 def pending_runs(sweep: Sweep, store: ResultsStore) -> list[RunConfig]:
-    """The sweep's runs not yet in the store, each once, largest first (better load balance)."""
-    done = store.run_ids()
+    """The sweep's runs not yet in the store (or stored as failed: tried again), each once,
+    largest first (better load balance)."""
+    done = store.run_ids() - store.failed_run_ids()
     unique = {c.run_id: c for c in sweep.runs if c.run_id not in done}
     cost = lambda c: c.num_pairs * (2 if c.setting == "overwrite" else 1) * c.batch_size
     return sorted(unique.values(), key=cost, reverse=True)
@@ -229,8 +236,11 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
 
     for config in sweep.runs:
         config.validate()
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     total = len({c.run_id for c in sweep.runs})
     pending = pending_runs(sweep, store)
+    retry = store.failed_run_ids()
     workers = workers or default_workers()
     counts = {"total": total, "already_done": total - len(pending), "ran": 0, "failed": 0}
     if log:
@@ -243,7 +253,8 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
                disable=not progress, smoothing=0.05)
 
     def finished(result: dict) -> None:
-        store.put_run(result)
+        if not store.put_run(result, replace=result["run_id"] in retry) and log:
+            log(f"run {result['run_id']} was stored meanwhile by another process; kept that one")
         counts["ran"] += 1
         counts["failed"] += result["status"] == "failed"
         bar.update(1)
@@ -272,16 +283,20 @@ def _run_local(pending: list[RunConfig], workers: int, finished) -> None:
 
     # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(1,)) as pool:
-        futures = [pool.submit(run_config, config.to_dict()) for config in pending]
-        try:
-            for future in as_completed(futures):
-                finished(future.result())
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(1,))
+    futures = [pool.submit(run_config, config.to_dict()) for config in pending]
+    try:
+        for future in as_completed(futures):
+            finished(future.result())
+    except BaseException:
+        # Ctrl-C or an error: stop now. Runs in flight are lost (never half-stored) and rerun
+        # on resume; waiting for them could take hours.
+        processes = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    pool.shutdown()
 
 
 def _run_ray(pending: list[RunConfig], address: str | None, finished) -> None:

@@ -115,7 +115,16 @@ class MQARTask(RetrievalTask):
             raise ValueError(f"unknown mqar task option(s): {', '.join(unknown)}; "
                              f"choose from {', '.join(self.DEFAULTS)}")
         options = {**self.DEFAULTS, **config.task_options}
-        self.eval_pairs = list(options.pop("eval_pairs") or [config.num_pairs])
+        eval_pairs = options.pop("eval_pairs") or [config.num_pairs]
+        if not isinstance(eval_pairs, list) or not all(_positive_int(n) for n in eval_pairs):
+            raise ValueError(f"mqar eval_pairs must be a list of positive integers, got {eval_pairs!r}")
+        for name in ("vocab_size", "seq_len", "noise_vocab_size", "eval_examples"):
+            if not _positive_int(options[name] if name in options else self.DEFAULTS[name]):
+                raise ValueError(f"mqar {name} must be a positive integer, got {options.get(name)!r}")
+        power_a = options["power_a"]
+        if not isinstance(power_a, (int, float)) or isinstance(power_a, bool) or not power_a > 0:
+            raise ValueError(f"mqar power_a must be a number > 0, got {power_a!r}")
+        self.eval_pairs = eval_pairs
         self.eval_examples = options.pop("eval_examples")
         self.options = options
 
@@ -149,6 +158,10 @@ class MQARTask(RetrievalTask):
         model.train(was_training)
         metrics["accuracy"] = float(np.mean([v for k, v in metrics.items()]))
         return total_loss / total_queries, metrics
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def make_task(config: RunConfig):
@@ -243,6 +256,14 @@ class RunRecord:
         }
 
 
+class _Unbuilt:
+    """Stands in for a model that could not be built, for the run's record."""
+    d_dot = None
+
+    def state_size(self):
+        return None
+
+
 def train(config: RunConfig, progress: bool = True, log=None) -> dict:
     """Run one configuration to its stopping point; returns the run's record for the store."""
     config.validate()
@@ -250,9 +271,13 @@ def train(config: RunConfig, progress: bool = True, log=None) -> dict:
     data_seed, eval_seed = seed_streams(config.seed)[:2]
     data_gen = torch.Generator().manual_seed(data_seed)
     eval_gen = torch.Generator().manual_seed(eval_seed)
-    model = task.build_model()
-    optimizer = make_optimizer(model.parameters(), config.lr)
     record = RunRecord(config)
+    try:
+        model = task.build_model()
+    except (RuntimeError, MemoryError) as exc:       # e.g. out of memory for a huge S
+        record.stop("failed", f"{type(exc).__name__}: {exc}")
+        return record.result(_Unbuilt())
+    optimizer = make_optimizer(model.parameters(), config.lr)
     bar = tqdm(total=config.max_steps, desc=config.model_label + f" S={config.num_pairs}",
                disable=not progress, leave=False, unit="step")
     try:
