@@ -87,6 +87,19 @@ def cli_sweep(spec, store, *extra, **popen):
                             text=True, start_new_session=True, **popen)
 
 
+def orphans(session_id: int) -> list[int]:
+    """Live processes of the killed sweep's session (its spawn workers)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session_id:
+                    alive.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return alive
+
+
 def test_kill_9_mid_sweep_then_resume_completes_exactly_once(tmp_path):
     spec = write_spec(tmp_path, steps=400)
     store_path = tmp_path / "r.sqlite"
@@ -102,11 +115,16 @@ def test_kill_9_mid_sweep_then_resume_completes_exactly_once(tmp_path):
                 break
         time.sleep(0.2)
     assert 1 <= done < len(expected), "the sweep should be interrupted part-way"
-    os.killpg(sweep.pid, signal.SIGKILL)        # the driver and its workers, mid-run
+    os.kill(sweep.pid, signal.SIGKILL)          # the driver alone, mid-run
     sweep.wait()
     with ResultsStore(store_path) as store:
         assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         before = store.run_ids()
+    # the orphaned workers notice their driver is gone and exit within seconds
+    deadline = time.time() + 20
+    while time.time() < deadline and orphans(sweep.pid):
+        time.sleep(0.5)
+    assert not orphans(sweep.pid)
     assert before < expected
     resumed = cli_sweep(spec, store_path, "--workers", "2")
     out, err = resumed.communicate(timeout=300)

@@ -199,12 +199,29 @@ def load_spec(path: str | os.PathLike, num_seeds: int | None = None) -> Sweep:
 
 
 # --- execution ------------------------------------------------------------------------------
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, watch_parent: bool = False) -> None:
     import torch
 
     from training.runtime import tune_allocator
     torch.set_num_threads(threads)
     tune_allocator()
+    if watch_parent:
+        _exit_with_parent()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A local worker whose driver was killed (kill -9) exits instead of finishing a run whose
+    result nobody will store: it would only hold the cores the resumed sweep needs."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def run_config(config_dict: dict) -> dict:
@@ -283,7 +300,8 @@ def _run_local(pending: list[RunConfig], workers: int, finished) -> None:
 
     # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(1,))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                               initargs=(1, True))
     futures = [pool.submit(run_config, config.to_dict()) for config in pending]
     try:
         for future in as_completed(futures):

@@ -39,9 +39,9 @@ def make_model(config: RunConfig) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: RetrievalModel, config: RunConfig, generator: torch.Generator) -> float:
+def evaluate(model: torch.nn.Module, config: RunConfig, generator: torch.Generator) -> float:
     """The protocol's evaluation loss on freshly sampled sequences (tasks/evaluation.py)."""
-    return RetrievalTask(config).evaluate(model, generator)[0]
+    return make_task(config).evaluate(model, generator)[0]
 
 
 class RetrievalTask:
