@@ -99,18 +99,27 @@ class RetrievalModel(nn.Module):
 
     def query_losses(self, batch: RetrievalBatch) -> Tensor:
         """0.5 * |y - onehot(target)|^2 per query: [B, Q]."""
-        y = self(batch)                                                      # [B, Q, S]
-        # y - onehot(target) without the one-hot tensor: subtract 1 at each target entry
-        # (the same floating-point operation as the dense subtraction).
-        index = batch.targets[:, :, None]                                    # [B, Q, 1]
-        error = y.scatter_add(2, index, y.new_full(index.shape, -1.0))       # [B, Q, S]
-        return 0.5 * error.pow(2).sum(-1)
+        return retrieval_losses(self(batch), batch)
 
     def loss(self, batch: RetrievalBatch) -> Tensor:
         """Mean query loss over the real (unmasked) queries."""
-        losses = self.query_losses(batch)
-        mask = batch.query_mask.to(losses.dtype)
-        return (losses * mask).sum() / mask.sum()
+        return masked_mean(self.query_losses(batch), batch.query_mask)
+
+
+def retrieval_losses(y: Tensor, batch: RetrievalBatch) -> Tensor:
+    """The paper's loss 0.5 * |y - onehot(target)|^2 per query, y [B, Q, S] -> [B, Q].
+
+    y - onehot(target) without the one-hot tensor: subtract 1 at each target entry (the same
+    floating-point operation as the dense subtraction)."""
+    index = batch.targets[:, :, None]                                        # [B, Q, 1]
+    error = y.scatter_add(2, index, y.new_full(index.shape, -1.0))           # [B, Q, S]
+    return 0.5 * error.pow(2).sum(-1)
+
+
+def masked_mean(losses: Tensor, mask: Tensor) -> Tensor:
+    """Mean of losses [B, Q] over the real queries (mask True)."""
+    mask = mask.to(losses.dtype)
+    return (losses * mask).sum() / mask.sum()
 
 
 def build_model(num_pairs: int, feature_map: str, rule: str, d_key: int = 64,

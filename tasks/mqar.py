@@ -46,6 +46,11 @@ def power_law_gaps(batch_size: int, space: int, num_queries: int, power_a: float
                              generator=generator)
 
 
+def total_vocab_size(vocab_size: int, filler: str = "noise", noise_vocab_size: int = 64) -> int:
+    """Token ids in use: the vocabulary, plus the noise vocabulary when filler is "noise"."""
+    return vocab_size + noise_vocab_size if filler == "noise" else vocab_size
+
+
 def mqar_batch(batch_size: int, num_kv_pairs: int, generator: torch.Generator, vocab_size: int = 256,
                seq_len: int = 128, power_a: float = 0.01, filler: str = "noise",
                noise_vocab_size: int = 64) -> MQARBatch:
@@ -73,14 +78,13 @@ def mqar_batch(batch_size: int, num_kv_pairs: int, generator: torch.Generator, v
 
     empty = torch.zeros_like(inputs, dtype=torch.bool)
     empty[:, 2 * N:] = region == 0
-    total = V
     if filler == "noise":
         noise = V + torch.randint(0, noise_vocab_size, inputs.shape, generator=generator)
         inputs = torch.where(empty, noise, inputs)
-        total = V + noise_vocab_size
     elif filler == "vocab":
         inputs = torch.where(empty, torch.randint(0, V, inputs.shape, generator=generator), inputs)
-    return MQARBatch(inputs, labels, torch.full((batch_size,), N), total)
+    return MQARBatch(inputs, labels, torch.full((batch_size,), N),
+                     total_vocab_size(V, filler, noise_vocab_size))
 
 
 def mqar_eval_set(num_kv_pairs: list[int], examples_per_slice: int, generator: torch.Generator,

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from models.retrieval import RetrievalModel, build_model
+from models.retrieval import build_model, retrieval_losses
 from tasks.associative import sample_batch
-from tasks.mqar import mqar_batch, mqar_eval_set
+from tasks.mqar import mqar_batch, mqar_eval_set, total_vocab_size
 from tasks.evaluation import aggregate_eval_loss, evaluation_set
 from training.config import RunConfig
 from training.store import library_versions
@@ -85,7 +85,7 @@ class RetrievalTask:
     def score(self, y: Tensor, batch) -> tuple[float, dict]:
         """The protocol's eval loss and metrics from the model's answers y [N, Q, S]."""
         c = self.config
-        losses = 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)      # [N, Q]
+        losses = retrieval_losses(y, batch)                                    # [N, Q]
         loss = aggregate_eval_loss(losses, batch.query_mask, c.protocol, c.batch_size)
         correct = (y.argmax(-1) == batch.targets)[batch.query_mask]
         return float(loss), {"accuracy": float(correct.float().mean())}
@@ -119,8 +119,8 @@ class MQARTask(RetrievalTask):
         if not isinstance(eval_pairs, list) or not all(_positive_int(n) for n in eval_pairs):
             raise ValueError(f"mqar eval_pairs must be a list of positive integers, got {eval_pairs!r}")
         for name in ("vocab_size", "seq_len", "noise_vocab_size", "eval_examples"):
-            if not _positive_int(options[name] if name in options else self.DEFAULTS[name]):
-                raise ValueError(f"mqar {name} must be a positive integer, got {options.get(name)!r}")
+            if not _positive_int(options[name]):
+                raise ValueError(f"mqar {name} must be a positive integer, got {options[name]!r}")
         power_a = options["power_a"]
         if not isinstance(power_a, (int, float)) or isinstance(power_a, bool) or not power_a > 0:
             raise ValueError(f"mqar power_a must be a number > 0, got {power_a!r}")
@@ -131,7 +131,8 @@ class MQARTask(RetrievalTask):
     def _build(self):
         from models.mqar import build_mqar_model
         c = self.config
-        vocab = mqar_batch(1, c.num_pairs, torch.Generator().manual_seed(0), **self.options).vocab_size
+        vocab = total_vocab_size(self.options["vocab_size"], self.options["filler"],
+                                 self.options["noise_vocab_size"])
         model = build_mqar_model(vocab, c.feature_map, c.rule, c.d_key, c.d_emb,
                                  c.feature_options, c.rule_options)
         model.context_length = self.options["seq_len"]
@@ -156,7 +157,7 @@ class MQARTask(RetrievalTask):
             total_queries += losses.numel()
             metrics[f"accuracy/num_kv_pairs={int(batch.num_kv_pairs[0])}"] = float(correct.float().mean())
         model.train(was_training)
-        metrics["accuracy"] = float(np.mean([v for k, v in metrics.items()]))
+        metrics["accuracy"] = float(np.mean(list(metrics.values())))
         return total_loss / total_queries, metrics
 
 

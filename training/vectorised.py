@@ -20,6 +20,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from models.memory import per_call_features
+from models.retrieval import masked_mean, retrieval_losses
 from training.config import ConfigError, RunConfig
 from training.trainer import RunRecord, make_optimizer, make_task, seed_streams
 
@@ -103,7 +104,8 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
             refresh_random_features()
             template.train()
             y = forward(params, buffers, batches)                            # [M, B, Q, D_v]
-            losses = torch.stack([_loss(models[0], y[i], batches[i]) for i in range(len(models))])
+            losses = torch.stack([masked_mean(retrieval_losses(y[i], batch), batch.query_mask)
+                                  for i, batch in enumerate(batches)])
             for record, value, is_active in zip(records, losses.tolist(), active.tolist()):
                 if is_active:
                     record.train_step(step, value)
@@ -132,9 +134,3 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
     engine = f"vectorised x{len(configs)}"
     return [record.result(model, engine) for record, model in zip(records, models)]
 
-
-def _loss(model, y, batch):
-    """The model's training loss from its answers y (mean over real queries)."""
-    losses = 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)
-    mask = batch.query_mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum()
