@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.numerics import floored_exp, floored_softmax
+
 
 class FeatureMap(nn.Module):
     """Base class: maps [..., D_k] to [..., d_dot]."""
@@ -185,7 +187,7 @@ class FAVORPlus(RandomFeatureMap):
         return torch.cat([u - offset, -u - offset], dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.exp(self._log_features(x))
+        return floored_exp(self._log_features(x))
 
     def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
         """phi(x) / (sum_i phi(x)_i + eps) [..., 2m], finite for any finite x.
@@ -197,7 +199,7 @@ class FAVORPlus(RandomFeatureMap):
         overflows (inf / inf) or underflows to all zeros (0 / 0) the latter is NaN.
         """
         log_phi = self._log_features(x)                                   # [..., 2m]
-        p = torch.softmax(log_phi, dim=-1)
+        p = floored_softmax(log_phi, dim=-1)
         if eps > 0:
             log_sum = torch.logsumexp(log_phi, dim=-1, keepdim=True)     # [..., 1]
             p = p * torch.sigmoid(log_sum - math.log(eps))

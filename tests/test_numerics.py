@@ -1,0 +1,27 @@
+import math
+
+import torch
+
+from models.numerics import exp_floor, floored_exp, floored_softmax
+
+
+def test_floored_exp_equals_exp_above_the_floor_and_is_tiny_below():
+    assert exp_floor(torch.float32) == -87 and exp_floor(torch.float64) == -708
+    for dtype, tiny in ((torch.float32, 1.2e-38), (torch.float64, 2.3e-308)):
+        x = torch.linspace(-1000, 50, 4001, dtype=dtype)
+        above = x >= exp_floor(dtype)
+        assert torch.equal(floored_exp(x)[above], torch.exp(x)[above])
+        below = floored_exp(x)[~above]
+        assert (below >= torch.finfo(dtype).tiny).all() and (below < 1.4 * tiny * math.e).all()
+
+
+def test_floored_softmax_matches_softmax_forward_and_backward():
+    torch.manual_seed(0)
+    x = (torch.randn(7, 300, dtype=torch.float64) * 60).requires_grad_()
+    g = torch.randn(7, 300, dtype=torch.float64)
+    ours = floored_softmax(x)
+    ref = torch.softmax(x, dim=-1)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-36)   # floored entries differ by < 2e-38
+    (grad_ours,) = torch.autograd.grad(ours, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(grad_ours, grad_ref, rtol=1e-12, atol=1e-14)
