@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-normaliser", action="store_true",
                        help="sum rule without the attention denominator")
     train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--seeds", type=int, default=None,
+                       help="train N seeds (--seed, --seed + 1, ...) together as one vectorised "
+                            "model (training/vectorised.py); each is stored as its own run")
     train.add_argument("--protocol", choices=("paper", "clean"), default=None)
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--spec", help="a TOML sweep spec (see training/sweep.py:load_spec)")
     sweep.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 1, or the spec's)")
     sweep.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores)")
+    sweep.add_argument("--vectorise-seeds", action="store_true",
+                       help="train the seeds of each configuration together as one vectorised "
+                            "model (one work item per configuration; see training/vectorised.py)")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local")
     sweep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
     sweep.add_argument("--store", default=DEFAULT_STORE)
@@ -182,6 +188,8 @@ def command_train(args) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
+    if args.seeds is not None:
+        return train_seeds_command(args, config)
     store = None
     if not args.no_store:
         store = ResultsStore(args.store)  # opened (and checked) before training starts
@@ -197,6 +205,34 @@ def command_train(args) -> int:
         store.close()
         print(f"stored in {args.store}")
     return 0 if result["status"] != "failed" else 1
+
+
+def train_seeds_command(args, config) -> int:
+    """train --seeds N: the seeds not yet stored (all with --force), trained together."""
+    from training.store import ResultsStore
+    from training.trainer import summary_line
+    from training.vectorised import check_group, train_seeds
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    configs = [config.replace(seed=config.seed + i) for i in range(args.seeds)]
+    check_group(configs)
+    store = None if args.no_store else ResultsStore(args.store)
+    if store is not None and not args.force:
+        stored = [c for c in configs if store.has_run(c.run_id)]
+        for c in stored:
+            print(f"seed {c.seed}: run {c.run_id} is already in {args.store} (--force reruns it)")
+        configs = [c for c in configs if c not in stored]
+    results = train_seeds(configs) if configs else []
+    for result in results:
+        print(summary_line(result))
+        if store is not None:
+            store.put_run(result, replace=args.force)
+    if store is not None:
+        store.close()
+        if results:
+            print(f"stored {len(results)} runs in {args.store}")
+    return 0 if all(r["status"] != "failed" for r in results) else 1
 
 
 def command_list(args) -> int:
@@ -285,7 +321,7 @@ def command_sweep(args) -> int:
     with ResultsStore(args.store) as store:
         start = time.perf_counter()
         counts = run_sweep(sweep, store, args.workers, args.backend, args.ray_address,
-                           progress=not args.quiet, log=log)
+                           progress=not args.quiet, log=log, vectorise_seeds=args.vectorise_seeds)
     log(f"sweep {sweep.name} complete: {counts['ran']} ran ({counts['failed']} failed), "
         f"{counts['already_done']} were already stored, {time.perf_counter() - start:.0f} s; "
         f"store: {args.store}")

@@ -18,7 +18,9 @@ Prints and writes to CSV:
    >= 3x faster than the loop.
 3. Peak RSS of the largest paper runs (50 steps + one evaluation, each in its own process,
    started before anything else runs here); target <= 2 GB.
-4. (full run) one vs two torch threads for single runs.
+4. Five seeds trained together (training/vectorised.py) against one run: wall time of 300
+   protocol steps; target <= 2x.
+5. (full run) one vs two torch threads for single runs.
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ import torch  # noqa: E402
 from tasks import sample_batch  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.presets import MODEL_PRESETS  # noqa: E402
+from models.stacked import StackedRetrievalModel  # noqa: E402
 from training.trainer import evaluate, make_model  # noqa: E402
 
 TRAIN_TARGET, EVAL_TARGET, FLA_TARGET, LOOP_TARGET, RSS_TARGET_MB = 30.0, 100.0, 1.5, 3.0, 2048
+SEED_TARGET = 2.0
 
 # (label, setting, S, preset, original s / 100 steps, original s / evaluation or None, quick?)
 PAPER_CONFIGS = [
@@ -250,6 +254,45 @@ def format_kernel_row(row: dict) -> str:
     return "".join(parts)
 
 
+# (setting, S, preset, quick?) for seeds trained together
+SEED_CONFIGS = [("capacity", 100, "linear", True), ("overwrite", 20, "dpfp1-delta", True),
+                ("overwrite", 20, "schlag2021-tanh", False), ("capacity", 300, "dpfp1", False),
+                ("capacity", 100, "favor64", False)]
+SEEDS, SEED_STEPS = 5, 300
+
+
+def seed_rows(quick: bool) -> list[dict]:
+    """Wall time of SEED_STEPS protocol steps (evaluations included) for one run (train) and
+    for SEEDS seeds trained together (train_seeds), best of two; target: <= 2x."""
+    from training.trainer import train
+    from training.vectorised import train_seeds
+
+    rows = []
+    for setting, num_pairs, preset, in_quick in SEED_CONFIGS:
+        if quick and not in_quick:
+            continue
+        config = paper_config(setting, num_pairs, preset).replace(max_steps=SEED_STEPS)
+        group = [config.replace(seed=s) for s in range(SEEDS)]
+        one, together = [], []
+        for _ in range(2):
+            start = time.perf_counter()
+            alone = train(config, progress=False)
+            one.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            results = train_seeds(group)
+            together.append(time.perf_counter() - start)
+        ratio = min(together) / min(one)
+        engine = results[0]["versions"]["engine"]
+        stacked = "stacked" if StackedRetrievalModel.supports([make_model(c) for c in group[:2]]) else "vmap"
+        rows.append(dict(config=f"{config.model_label} {setting} S={num_pairs}", one_s=min(one),
+                         seeds_s=min(together), ratio=ratio, engine=f"{engine} ({stacked})",
+                         steps=min(alone["steps"], *(r["steps"] for r in results))))
+        print(f"  {config.model_label:22s} {setting:9s} S={num_pairs:<4d} one run {min(one):6.2f} s | "
+              f"{SEEDS} seeds together {min(together):6.2f} s ({stacked}) | {ratio:4.2f}x "
+              f"{verdict(ratio <= SEED_TARGET)}", flush=True)
+    return rows
+
+
 def thread_rows(budget_s: float) -> list[dict]:
     rows = []
     for setting, num_pairs, preset in (("capacity", 600, "linear"), ("overwrite", 200, "dpfp1-delta")):
@@ -326,6 +369,12 @@ def main() -> None:
                              loop_ms=None if row["loop_ms"] is None else round(row["loop_ms"], 3),
                              fla_naive_ms=None if row["fla_ms"] is None else round(row["fla_ms"], 3),
                              fla_chunk=row["fla_chunk"], note=row["loop_note"]))
+
+    print(f"\n## {SEEDS} seeds trained together vs one run, {SEED_STEPS} steps of the protocol (target <= {SEED_TARGET}x)")
+    for row in seed_rows(args.quick):
+        csv_rows.append(dict(table="seeds", config=row["config"], steps=row["steps"],
+                             one_run_s=round(row["one_s"], 3), seeds_s=round(row["seeds_s"], 3),
+                             seeds_ratio=round(row["ratio"], 2), note=row["engine"]))
 
     if not args.quick:
         print("\n## Threads for a single run (wall)")

@@ -59,6 +59,12 @@ class FeatureMap(nn.Module):
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw new random features (no-op for deterministic maps)."""
 
+    # Optional: a map whose kernel phi(q) . phi(k) is cheaper to compute directly than through
+    # the d_dot-wide features defines ``kernel(q, k)`` (q [B, Q, D_k], k [B, L, D_k] ->
+    # [B, Q, L]) and ``kernel_width`` (floats per (q, k) pair). models/memory.py then answers
+    # one-query reads of the sum rule in the attention form, without features or memory.
+    kernel_width: int | None = None
+
     def extra_repr(self) -> str:
         return f"d_key={self.d_key}, d_dot={self.d_dot}"
 
@@ -120,6 +126,19 @@ class DPFP(FeatureMap):
     def forward(self, x: Tensor) -> Tensor:
         r = F.relu(torch.cat([x, -x], dim=-1))                            # [..., 2 D_k]
         return torch.cat([r * r.roll(j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
+
+    @property
+    def kernel_width(self) -> int:
+        return 2 * self.d_key * (self.nu + 1)
+
+    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
+        """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], without the
+        2 D_k nu features: with p = r(q) * r(k) (elementwise, 2 D_k wide),
+        phi(q) . phi(k) = sum_j sum_i p_i p_{i-j}, i.e. nu products of p with its own rolls."""
+        r_q = F.relu(torch.cat([q, -q], dim=-1))                          # [B, Q, 2 D_k]
+        r_k = F.relu(torch.cat([k, -k], dim=-1))                          # [B, L, 2 D_k]
+        p = r_q[:, :, None, :] * r_k[:, None, :, :]                       # [B, Q, L, 2 D_k]
+        return sum((p * p.roll(j, dims=-1)).sum(-1) for j in range(1, self.nu + 1))
 
     def extra_repr(self) -> str:
         return f"d_key={self.d_key}, nu={self.nu}, d_dot={self.d_dot}"
@@ -271,6 +290,16 @@ class Taylor(FeatureMap):
     @property
     def d_dot(self) -> int:
         return 1 + self.d_key + self.d_key * (self.d_key + 1) // 2
+
+    @property
+    def kernel_width(self) -> int:
+        return self.d_key
+
+    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
+        """phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(D_k), [B, Q, L], in
+        O(D_k) per pair instead of O(D_k^2)."""
+        s = q @ k.transpose(1, 2) / math.sqrt(self.d_key)                # [B, Q, L]
+        return 1 + s + 0.5 * s * s
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.d_key

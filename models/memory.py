@@ -71,11 +71,25 @@ class FastWeightMemory(nn.Module):
     def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
         """k [B, L, D_key], v [B, L, D_v] or OneHot, beta [B, L] or None, q [B, Q, D_key]
         -> [B, Q, D_v]."""
+        if self.use_kernel(v, q.shape[1], k.shape[1]):
+            return self.rule.attend_one_hot(self.phi.kernel(q, k), v.ids)
         phi_k = self.normalised(k, self.rule.key_norm, 0.0)
         phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
         state = write_memory(self.rule, phi_k, v, beta)
         return self.rule.read(state, phi_q)
 
+
+    def use_kernel(self, v, num_queries: int, length: int) -> bool:
+        """Answer in the attention form from phi's own kernel (see FeatureMap.kernel_width):
+        a rule with an attention form for one-hot values (sum), no key or query normalisation,
+        and fewer floats per sequence than the features + memory path:
+        Q L kernel_width <= (L + Q D_v) d_dot (true for training's one query per sequence with
+        DPFP; evaluation's hundreds of queries use the memory)."""
+        width = getattr(self.phi, "kernel_width", None)
+        return (width is not None and isinstance(v, OneHot)
+                and hasattr(self.rule, "attend_one_hot")
+                and self.rule.key_norm == "none" and self.rule.query_norm == "none"
+                and num_queries * length * width <= (length + num_queries * v.size) * self.d_dot)
 
     def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
         """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes

@@ -200,3 +200,32 @@ def test_bad_spec_values_are_one_line_errors(tmp_path):
 def test_unwritable_output_is_one_line_error(small_store, tmp_path):
     result = cli("export", "--store", str(small_store), "--out", str(tmp_path))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_seeds_together_stores_each_seed_and_skips_stored_ones(tmp_path):
+    store = tmp_path / "r.sqlite"
+    common = ["train", "--keys", "8", "--feature-map", "linear", "--max-steps", "200",
+              "--store", str(store), "--quiet"]
+    first = cli(*common, "--seeds", "2")
+    assert first.returncode == 0, first.stderr
+    assert "stored 2 runs" in first.stdout
+    from analysis import load_runs
+    runs = load_runs(store)
+    assert sorted(runs["seed"]) == [0, 1]
+    again = cli(*common, "--seeds", "3")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already in") == 2 and "stored 1 runs" in again.stdout
+    assert sorted(load_runs(store)["seed"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keys", "8", "--feature-map", "linear", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--setting", "mqar", "--keys", "4", "--feature-map", "linear", "--seeds", "2"],
+     "capacity and overwrite"),
+])
+def test_train_seeds_bad_input(tmp_path, args, message):
+    store = tmp_path / "r.sqlite"
+    result = cli("train", *args, "--store", str(store))
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not store.exists()

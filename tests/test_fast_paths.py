@@ -145,7 +145,8 @@ def test_fwm_write_float32_long_sequence_stays_finite(generator):
 
 
 COMBINATIONS = [("softmax", "sum", {}), ("linear", "sum", {}), ("dpfp", "delta", {"nu": 1}),
-                ("tanh", "fwm", {}), ("favor", "sum", {"m": 8}), ("dpfp", "fwm", {"nu": 1})]
+                ("tanh", "fwm", {}), ("favor", "sum", {"m": 8}), ("dpfp", "fwm", {"nu": 1}),
+                ("dpfp", "sum", {"nu": 2}), ("taylor", "sum", {})]     # the last two: kernel form
 
 
 @pytest.mark.parametrize("feature_map,rule,options", COMBINATIONS)
@@ -166,6 +167,27 @@ def test_model_one_hot_path_equals_dense_path(feature_map, rule, options, settin
     torch.testing.assert_close(loss_fast, loss_dense, rtol=1e-12, atol=1e-14)
     for a, b in zip(grads_fast, grads_dense):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("feature_map,options", [("dpfp", {"nu": 1}), ("dpfp", {"nu": 3}), ("taylor", {})])
+def test_kernel_equals_feature_dot_products(feature_map, options, generator):
+    from models.feature_maps import build_feature_map
+    phi = build_feature_map(feature_map, 8, **options).double()
+    q = torch.randn(3, 5, 8, generator=generator, dtype=torch.float64)
+    k = torch.randn(3, 7, 8, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(phi.kernel(q, k), phi(q) @ phi(k).transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_form_answers_training_queries_and_memory_answers_evaluation(generator):
+    model = build_model(30, "dpfp", "sum", feature_options={"nu": 3})
+    memory = model.memory
+    train = sample_batch("capacity", 30, 4, generator)
+    evaluation = evaluation_set("capacity", 30, "paper", generator, num_sequences=2)
+    from models.memory import OneHot
+    assert memory.use_kernel(OneHot(train.values, 30), train.queries.shape[1], train.length)
+    assert not memory.use_kernel(OneHot(evaluation.values, 30), evaluation.queries.shape[1],
+                                 evaluation.length)
+    assert not build_model(30, "dpfp", "delta").memory.use_kernel(OneHot(train.values, 30), 1, 30)
 
 
 def test_query_losses_equal_dense_target_formula(generator):

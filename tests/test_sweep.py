@@ -80,6 +80,23 @@ def test_sweep_resumes_without_duplicates(tmp_path):
         assert run_sweep(sweep, store, workers=2, progress=False)["ran"] == 0
 
 
+def test_vectorised_sweep_trains_seeds_together_and_resumes(tmp_path):
+    import json
+    store_path = tmp_path / "r.sqlite"
+    sweep = load_spec(write_spec(tmp_path, steps=50))              # 4 configurations x 2 seeds
+    with ResultsStore(store_path) as store:
+        alone = type(sweep)(sweep.name, sweep.runs[:1])            # seed 0 of the first config
+        run_sweep(alone, store, workers=1, progress=False)
+        counts = run_sweep(sweep, store, workers=2, progress=False, vectorise_seeds=True)
+        assert counts["ran"] == len(sweep.runs) - 1
+        assert store.run_ids() == {c.run_id for c in sweep.runs}
+        engines = {c.run_id: json.loads(store.get_run(c.run_id)["versions"])["engine"]
+                   for c in sweep.runs}
+    assert engines[sweep.runs[0].run_id] == "sequential"           # stored before
+    assert engines[sweep.runs[1].run_id] == "sequential"           # its group had one run left
+    assert sorted(engines.values()).count("vectorised x2") == len(sweep.runs) - 2
+
+
 def cli_sweep(spec, store, *extra, **popen):
     command = [sys.executable, os.path.join(ROOT, "run_retrieval.py"), "sweep", "--spec", str(spec),
                "--store", str(store), "--quiet", *extra]
@@ -149,7 +166,7 @@ def test_ray_backend_runs_into_the_same_store(tmp_path):
     pytest.importorskip("ray")
     spec = write_spec(tmp_path, steps=50)
     store_path = tmp_path / "r.sqlite"
-    process = cli_sweep(spec, store_path, "--backend", "ray",
+    process = cli_sweep(spec, store_path, "--backend", "ray", "--vectorise-seeds",
                         env={**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"})
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]

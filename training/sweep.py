@@ -230,6 +230,26 @@ def run_config(config_dict: dict) -> dict:
     return train(RunConfig.from_dict(config_dict), progress=False)
 
 
+def run_group(config_dicts: list[dict]) -> list[dict]:
+    """Train runs that differ only in seed together (training/vectorised.py); their records."""
+    if len(config_dicts) == 1:
+        return [run_config(config_dicts[0])]
+    from training.vectorised import train_seeds
+    return train_seeds([RunConfig.from_dict(d) for d in config_dicts])
+
+
+def seed_groups(pending: list[RunConfig], vectorise: bool) -> list[list[RunConfig]]:
+    """The pending runs as work items: one run each, or (vectorise) the runs that differ only
+    in seed as one item (MQAR runs stay single), in the order of their first run."""
+    if not vectorise:
+        return [[c] for c in pending]
+    groups: dict[str, list[RunConfig]] = {}
+    for config in pending:
+        key = config.run_id if config.setting == "mqar" else config.replace(seed=0).run_id
+        groups.setdefault(key, []).append(config)
+    return list(groups.values())
+
+
 def pending_runs(sweep: Sweep, store: ResultsStore) -> list[RunConfig]:
     """The sweep's runs not yet in the store (or stored as failed: tried again), each once,
     largest first (better load balance)."""
@@ -245,8 +265,11 @@ def default_workers() -> int:
 
 def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, backend: str = "local",
               ray_address: str | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> dict:
-    """Run every pending run of the sweep; returns counts. Results are stored as they finish."""
+              log: Callable[[str], None] | None = None, vectorise_seeds: bool = False) -> dict:
+    """Run every pending run of the sweep; returns counts. Results are stored as they finish.
+
+    vectorise_seeds: the runs that differ only in seed train together as one vectorised model
+    (one work item; results equal separate runs up to rounding, see training/vectorised.py)."""
     from tqdm.auto import tqdm
 
     from training.trainer import summary_line
@@ -279,10 +302,11 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
             log(f"[{counts['already_done'] + counts['ran']}/{total}] {summary_line(result)}")
 
     try:
+        groups = seed_groups(pending, vectorise_seeds)
         if backend == "local":
-            _run_local(pending, workers, finished)
+            _run_local(groups, workers, finished)
         elif backend == "ray":
-            _run_ray(pending, ray_address, finished)
+            _run_ray(groups, ray_address, finished)
         else:
             raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
     finally:
@@ -290,10 +314,11 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
     return counts
 
 
-def _run_local(pending: list[RunConfig], workers: int, finished) -> None:
+def _run_local(groups: list[list[RunConfig]], workers: int, finished) -> None:
     if workers == 1:
-        for config in pending:
-            finished(run_config(config.to_dict()))
+        for group in groups:
+            for result in run_group([c.to_dict() for c in group]):
+                finished(result)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -302,10 +327,11 @@ def _run_local(pending: list[RunConfig], workers: int, finished) -> None:
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                initargs=(1, True))
-    futures = [pool.submit(run_config, config.to_dict()) for config in pending]
+    futures = [pool.submit(run_group, [c.to_dict() for c in group]) for group in groups]
     try:
         for future in as_completed(futures):
-            finished(future.result())
+            for result in future.result():
+                finished(result)
     except BaseException:
         # Ctrl-C or an error: stop now. Runs in flight are lost (never half-stored) and rerun
         # on resume; waiting for them could take hours.
@@ -317,7 +343,7 @@ def _run_local(pending: list[RunConfig], workers: int, finished) -> None:
     pool.shutdown()
 
 
-def _run_ray(pending: list[RunConfig], address: str | None, finished) -> None:
+def _run_ray(groups: list[list[RunConfig]], address: str | None, finished) -> None:
     try:
         import ray
     except ImportError:
@@ -333,15 +359,16 @@ def _run_ray(pending: list[RunConfig], address: str | None, finished) -> None:
             raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {error}") from None
 
     @ray.remote(num_cpus=1)
-    def ray_run(config_dict: dict) -> dict:
+    def ray_run(config_dicts: list[dict]) -> list[dict]:
         _worker_init(1)
-        return run_config(config_dict)
+        return run_group(config_dicts)
 
-    remaining = [ray_run.remote(config.to_dict()) for config in pending]
+    remaining = [ray_run.remote([c.to_dict() for c in group]) for group in groups]
     try:
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=1)
-            finished(ray.get(ready[0]))
+            for result in ray.get(ready[0]):
+                finished(result)
     except BaseException:
         for ref in remaining:
             ray.cancel(ref, force=True)

@@ -1,8 +1,13 @@
 """Several seeds of one configuration trained together as one vectorised model.
 
 Runs that differ only in their seed have parameters of identical shapes. Their parameters are
-stacked along a new leading "member" dimension M (torch.func.stack_module_state) and one
-forward pass evaluates every member on its own batch with torch.func.vmap. Adam is elementwise,
+stacked along a new leading "member" dimension M and one forward pass evaluates every member on
+its own batch. Two engines: when the memory holds nothing per member (no parameters, no random
+feature draws: linear, dpfp, tanh, taylor, softmax, ... with sum, delta, fwm), the members are
+one ``models.stacked.StackedRetrievalModel`` whose memory sees the M batches as one batch
+(a step of M members runs the operations of one step, each M times larger); otherwise
+(FAVOR+, learnable maps, the fwl rule's learned W_0 and step size) torch.func.vmap over
+torch.func.stack_module_state, which is general but materialises batched copies. Adam is elementwise,
 so ONE Adam over the stacked parameters is exactly M independent Adams; every member keeps its
 own data stream, evaluation stream, initialisation and random-feature draws (the same streams
 as ``training.trainer.train`` uses for that seed) and its own stopping point, recorded by the
@@ -20,6 +25,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from models.memory import per_call_features
+from models.stacked import StackedRetrievalModel
 from models.retrieval import masked_mean, retrieval_losses
 from training.config import ConfigError, RunConfig
 from training.trainer import RunRecord, make_optimizer, make_task, seed_streams
@@ -52,16 +58,21 @@ def _rebuild(example, tensors: dict):
     return type(example)(**{**vars(example), **tensors})
 
 
-def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
-    """Train configs that differ only in seed as one vectorised group; returns their records."""
-    if not configs:
-        return []
+def check_group(configs: list[RunConfig]) -> None:
+    """ConfigError unless the configs can train together (valid, same but seed, not MQAR)."""
     if not same_but_seed(configs):
         raise ConfigError("train_seeds needs configs that differ only in their seed")
     for config in configs:
         config.validate()
     if configs[0].setting == "mqar":
         raise ConfigError("vectorised seeds support the capacity and overwrite settings")
+
+
+def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
+    """Train configs that differ only in seed as one vectorised group; returns their records."""
+    if not configs:
+        return []
+    check_group(configs)
     tasks = [make_task(c) for c in configs]
     models = [task.build_model() for task in tasks]
     streams = [seed_streams(c.seed)[:2] for c in configs]
@@ -70,6 +81,63 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
     records = [RunRecord(c) for c in configs]
     config = configs[0]
 
+    if StackedRetrievalModel.supports(models):
+        # The memory holds nothing per member: one module, the M batches as one batch.
+        stacked = StackedRetrievalModel(models)
+        parameters = list(stacked.parameters())
+        refresh_random_features = lambda: None
+        set_mode = stacked.train
+
+        def forward(batches):
+            ids = _stack_batches(batches)
+            return stacked(ids["keys"], ids["values"], ids["queries"])          # [M, B, Q, S]
+    else:
+        forward, parameters, refresh_random_features, set_mode = _vmapped(models)
+    optimizer = make_optimizer(parameters, config.lr)
+
+    try:
+        for step in range(1, config.max_steps + 1):
+            active = torch.tensor([not r.stopped for r in records])
+            if not active.any():
+                break
+            batches = [task.train_batch(gen) for task, gen in zip(tasks, data_gens)]
+            refresh_random_features()
+            set_mode(True)
+            y = forward(batches)                                             # [M, B, Q, D_v]
+            losses = torch.stack([masked_mean(retrieval_losses(y[i], batch), batch.query_mask)
+                                  for i, batch in enumerate(batches)])
+            for record, value, is_active in zip(records, losses.tolist(), active.tolist()):
+                if is_active:
+                    record.train_step(step, value)
+            # stopped (or just diverged) members contribute nothing, not even a NaN gradient
+            keep = active & torch.tensor([not r.stopped for r in records])
+            optimizer.zero_grad(set_to_none=True)
+            torch.where(keep, losses, torch.zeros_like(losses)).sum().backward()
+            optimizer.step()
+            due = [i for i, r in enumerate(records) if not r.stopped and r.eval_due(step)]
+            if not due:
+                continue
+            with torch.no_grad():
+                eval_batches = [tasks[i].eval_batch(eval_gens[i]) for i in range(len(models))]
+                refresh_random_features()
+                set_mode(False)
+                y_eval = forward(eval_batches)
+            for i in due:
+                num_queries = eval_batches[i].queries.shape[1]
+                eval_loss, metrics = tasks[i].score(y_eval[i][:, :num_queries], eval_batches[i])
+                records[i].evaluation(step, eval_loss, metrics)
+                if log is not None:
+                    log(f"seed {configs[i].seed} step {step}: eval {eval_loss:.5g}")
+    except (RuntimeError, ValueError, MemoryError) as exc:
+        for record in records:
+            record.stop("failed", f"{type(exc).__name__}: {exc}")
+    engine = f"vectorised x{len(configs)}"
+    return [record.result(model, engine) for record, model in zip(records, models)]
+
+
+def _vmapped(models):
+    """(forward, parameters, refresh_random_features, set_mode) of the torch.func path: any
+    members, including ones with learnable or per-member random feature maps."""
     params, buffers = stack_module_state(models)
     template = copy.deepcopy(models[0])
     template_phi = per_call_features(template.memory)
@@ -87,50 +155,11 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
             owner = [dict(m.named_buffers())[name] for m in models]
             buffers[name] = torch.stack(owner)
 
-    def forward(params, buffers, batches):
+    def forward(batches):
         example = batches[0]
 
         def member(p, b, tensors):
             return functional_call(template, (p, b), (_rebuild(example, tensors),))
         return vmap(member)(params, buffers, _stack_batches(batches))
-    optimizer = make_optimizer(params.values(), config.lr)
 
-    try:
-        for step in range(1, config.max_steps + 1):
-            active = torch.tensor([not r.stopped for r in records])
-            if not active.any():
-                break
-            batches = [task.train_batch(gen) for task, gen in zip(tasks, data_gens)]
-            refresh_random_features()
-            template.train()
-            y = forward(params, buffers, batches)                            # [M, B, Q, D_v]
-            losses = torch.stack([masked_mean(retrieval_losses(y[i], batch), batch.query_mask)
-                                  for i, batch in enumerate(batches)])
-            for record, value, is_active in zip(records, losses.tolist(), active.tolist()):
-                if is_active:
-                    record.train_step(step, value)
-            # stopped (or just diverged) members contribute nothing, not even a NaN gradient
-            keep = active & torch.tensor([not r.stopped for r in records])
-            optimizer.zero_grad(set_to_none=True)
-            torch.where(keep, losses, torch.zeros_like(losses)).sum().backward()
-            optimizer.step()
-            due = [i for i, r in enumerate(records) if not r.stopped and r.eval_due(step)]
-            if not due:
-                continue
-            with torch.no_grad():
-                eval_batches = [tasks[i].eval_batch(eval_gens[i]) for i in range(len(models))]
-                refresh_random_features()
-                template.eval()
-                y_eval = forward(params, buffers, eval_batches)
-            for i in due:
-                num_queries = eval_batches[i].queries.shape[1]
-                eval_loss, metrics = tasks[i].score(y_eval[i][:, :num_queries], eval_batches[i])
-                records[i].evaluation(step, eval_loss, metrics)
-                if log is not None:
-                    log(f"seed {configs[i].seed} step {step}: eval {eval_loss:.5g}")
-    except (RuntimeError, ValueError, MemoryError) as exc:
-        for record in records:
-            record.stop("failed", f"{type(exc).__name__}: {exc}")
-    engine = f"vectorised x{len(configs)}"
-    return [record.result(model, engine) for record, model in zip(records, models)]
-
+    return forward, list(params.values()), refresh_random_features, template.train

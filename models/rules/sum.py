@@ -76,6 +76,17 @@ class SumRule(UpdateRule):
         """``write`` for values v = one_hot(ids, d_value), as a scatter-add."""
         return sum_rule_write_one_hot(k, ids, self.d_value)
 
+    def attend_one_hot(self, scores: Tensor, ids: Tensor) -> Tensor:
+        """``read(write_one_hot(k, ids), q)`` from the kernel scores alone (attention form):
+        scores [B, Q, L] = phi(q_i) . phi(k_t), ids [B, L] -> [B, Q, D_v]; output s holds the
+        scores of the positions storing value s (/ the sum of all scores)."""
+        B, Q, L = scores.shape
+        index = ids[:, None, :].expand(B, Q, L)
+        o = scores.new_zeros(B, Q, self.d_value).scatter_add(2, index, scores)
+        if self.normaliser:
+            o = o / (scores.sum(-1, keepdim=True) + EPS)
+        return o
+
     def causal(self, q, k, v, beta=None):
         return linear_attention_parallel(q, k, v, self.normaliser)[0]
 
