@@ -59,10 +59,10 @@ class FeatureMap(nn.Module):
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw new random features (no-op for deterministic maps)."""
 
-    # Optional: a map whose kernel phi(q) . phi(k) is cheaper to compute directly than through
-    # the d_dot-wide features defines ``kernel(q, k)`` (q [B, Q, D_k], k [B, L, D_k] ->
-    # [B, Q, L]) and ``kernel_width`` (floats per (q, k) pair). models/memory.py then answers
-    # one-query reads of the sum rule in the attention form, without features or memory.
+    # Optional: a map whose kernel phi(q) . phi(k) can be computed directly defines
+    # ``kernel(q, k)`` (q [B, Q, D_k], k [B, L, D_k] -> [B, Q, L]) and ``kernel_width`` (the
+    # floats it materialises per (q, k) pair). models/memory.py then answers reads of the sum
+    # rule in the attention form when that is smaller than features + memory (training).
     kernel_width: int | None = None
 
     def extra_repr(self) -> str:
@@ -208,6 +208,16 @@ class FAVORPlus(RandomFeatureMap):
     def forward(self, x: Tensor) -> Tensor:
         return floored_exp(self._log_features(x))
 
+    @property
+    def kernel_width(self) -> int:
+        return 2 * self.m
+
+    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
+        """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], as
+        sum_i exp(log phi(q)_i + log phi(k)_i): no features, and no memory behind them."""
+        log_q, log_k = self._log_features(q), self._log_features(k)     # [B, Q, 2m], [B, L, 2m]
+        return floored_exp(log_q[:, :, None, :] + log_k[:, None, :, :]).sum(-1)
+
     def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
         """phi(x) / (sum_i phi(x)_i + eps) [..., 2m], finite for any finite x.
 
@@ -291,9 +301,7 @@ class Taylor(FeatureMap):
     def d_dot(self) -> int:
         return 1 + self.d_key + self.d_key * (self.d_key + 1) // 2
 
-    @property
-    def kernel_width(self) -> int:
-        return self.d_key
+    kernel_width = 3                                   # s, s^2 and the sum per pair
 
     def kernel(self, q: Tensor, k: Tensor) -> Tensor:
         """phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(D_k), [B, Q, L], in

@@ -80,16 +80,17 @@ class FastWeightMemory(nn.Module):
 
 
     def use_kernel(self, v, num_queries: int, length: int) -> bool:
-        """Answer in the attention form from phi's own kernel (see FeatureMap.kernel_width):
-        a rule with an attention form for one-hot values (sum), no key or query normalisation,
-        and fewer floats per sequence than the features + memory path:
-        Q L kernel_width <= (L + Q D_v) d_dot (true for training's one query per sequence with
-        DPFP; evaluation's hundreds of queries use the memory)."""
+        """Answer in the attention form from phi's own kernel (FeatureMap.kernel_width): for a
+        rule with an attention form for one-hot values (sum) and no key or query normalisation,
+        when the kernel materialises fewer floats per sequence than features, memory and
+        answers do: Q L kernel_width <= L d_dot + d_dot D_v + Q D_v. True for training's one
+        query per sequence; evaluation's hundreds of queries read one memory instead."""
         width = getattr(self.phi, "kernel_width", None)
         return (width is not None and isinstance(v, OneHot)
                 and hasattr(self.rule, "attend_one_hot")
                 and self.rule.key_norm == "none" and self.rule.query_norm == "none"
-                and num_queries * length * width <= (length + num_queries * v.size) * self.d_dot)
+                and num_queries * length * width
+                <= (length + v.size) * self.d_dot + num_queries * v.size)
 
     def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
         """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes

@@ -146,7 +146,7 @@ def test_fwm_write_float32_long_sequence_stays_finite(generator):
 
 COMBINATIONS = [("softmax", "sum", {}), ("linear", "sum", {}), ("dpfp", "delta", {"nu": 1}),
                 ("tanh", "fwm", {}), ("favor", "sum", {"m": 8}), ("dpfp", "fwm", {"nu": 1}),
-                ("dpfp", "sum", {"nu": 2}), ("taylor", "sum", {})]     # the last two: kernel form
+                ("dpfp", "sum", {"nu": 2}), ("taylor", "sum", {})]  # favor, dpfp, taylor sum: kernel form
 
 
 @pytest.mark.parametrize("feature_map,rule,options", COMBINATIONS)
@@ -169,7 +169,8 @@ def test_model_one_hot_path_equals_dense_path(feature_map, rule, options, settin
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("feature_map,options", [("dpfp", {"nu": 1}), ("dpfp", {"nu": 3}), ("taylor", {})])
+@pytest.mark.parametrize("feature_map,options", [("dpfp", {"nu": 1}), ("dpfp", {"nu": 3}), ("taylor", {}),
+                                                 ("favor", {"m": 16, "redraw": "fixed"})])
 def test_kernel_equals_feature_dot_products(feature_map, options, generator):
     from models.feature_maps import build_feature_map
     phi = build_feature_map(feature_map, 8, **options).double()
@@ -188,6 +189,9 @@ def test_kernel_form_answers_training_queries_and_memory_answers_evaluation(gene
     assert not memory.use_kernel(OneHot(evaluation.values, 30), evaluation.queries.shape[1],
                                  evaluation.length)
     assert not build_model(30, "dpfp", "delta").memory.use_kernel(OneHot(train.values, 30), 1, 30)
+    favor = build_model(30, "favor", "sum", feature_options={"m": 64}).memory
+    assert favor.use_kernel(OneHot(train.values, 30), 1, 30)
+    assert not favor.use_kernel(OneHot(evaluation.values, 30), evaluation.queries.shape[1], 30)
 
 
 def test_query_losses_equal_dense_target_formula(generator):
