@@ -45,7 +45,8 @@ from tasks import sample_batch  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.presets import MODEL_PRESETS  # noqa: E402
 from models.stacked import StackedRetrievalModel  # noqa: E402
-from training.trainer import evaluate, make_model  # noqa: E402
+from training.runtime import tune_allocator  # noqa: E402
+from training.trainer import evaluate, make_model, make_optimizer  # noqa: E402
 
 TRAIN_TARGET, EVAL_TARGET, FLA_TARGET, LOOP_TARGET, RSS_TARGET_MB = 30.0, 100.0, 1.5, 3.0, 2048
 SEED_TARGET = 2.0
@@ -95,7 +96,7 @@ def best_of(fn, repeats: int, budget_s: float) -> tuple[float, float]:
 def time_paper_config(config: RunConfig, budget_s: float) -> dict:
     """Seconds per training step and per evaluation, as the trainer runs them."""
     model = make_model(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)   # as training.trainer.train
+    optimizer = make_optimizer(model.parameters(), config.lr)        # as training.trainer.train
     data_gen = torch.Generator().manual_seed(0)
     eval_gen = torch.Generator().manual_seed(1)
 
@@ -196,11 +197,13 @@ def kernel_rows(quick: bool, budget_s: float) -> list[dict]:
 
 
 def rss_child(setting: str, num_pairs: int, preset: str, steps: int) -> None:
-    """Run `steps` training steps and one evaluation; print this process's peak RSS (MB)."""
+    """Run `steps` training steps and one evaluation, as a sweep worker does; print this
+    process's peak RSS (MB)."""
     torch.set_num_threads(1)
+    tune_allocator()
     config = paper_config(setting, num_pairs, preset)
     model = make_model(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model.parameters(), config.lr)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         loss = model.loss(sample_batch(config.setting, config.num_pairs, config.batch_size, gen))
@@ -320,6 +323,7 @@ def main() -> None:
 
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    tune_allocator()                       # as in every training process (training/runtime.py)
     load = os.getloadavg()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} (default {default_threads} threads; measured with 1), load average "
