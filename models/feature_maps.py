@@ -456,8 +456,9 @@ def check_feature_map(phi, d_key: int, needs_nonnegative: bool = False,
     [2, 5, d_key] for every s in ``scales``: the output is a tensor of shape [2, 5, d_dot],
     finite, non-negative where the map declares nonnegative = True or ``needs_nonnegative``
     (the map is used with sum normalisation), acts on the last dimension only (phi of the
-    input reshaped to [10, d_key] equals phi's output reshaped to [10, d_dot]); and an optional
-    sum_normalised(x) is finite and equals phi(x) / sum(phi(x)) where the latter is finite.
+    input reshaped to [10, d_key] equals phi's output reshaped to [10, d_dot]); an optional
+    sum_normalised(x) is finite and equals phi(x) / sum(phi(x)) where the latter is finite; and
+    an optional kernel(q, k) equals phi(q) . phi(k).
     Inputs are drawn from ``generator`` (default: a generator seeded with 0); phi is not
     modified (redraw is tried on a copy).
     """
@@ -543,6 +544,21 @@ def check_feature_map(phi, d_key: int, needs_nonnegative: bool = False,
                                  f"it must act on the last dimension only")
             if callable(getattr(phi, "sum_normalised", None)):
                 _check_sum_normalised(phi, name, x, y)
+            if callable(getattr(phi, "kernel", None)) and getattr(phi, "kernel_width", None):
+                _check_kernel(phi, name, x, y)
+
+
+def _check_kernel(phi, name: str, x: Tensor, y: Tensor) -> None:
+    """kernel(q, k) equals phi(q) @ phi(k)^T (q: the first two inputs of each batch row)."""
+    try:
+        scores = phi.kernel(x[:, :2], x)
+    except Exception as error:
+        raise ValueError(f"feature map {name}: kernel(q, k) failed: "
+                         f"{type(error).__name__}: {error}") from None
+    expected = y[:, :2] @ y.transpose(1, 2)                              # [2, 2, 5]
+    if (not isinstance(scores, Tensor) or scores.shape != expected.shape
+            or not torch.allclose(scores, expected, rtol=1e-3, atol=1e-5)):
+        raise ValueError(f"feature map {name}: kernel(q, k) does not equal phi(q) . phi(k)")
 
 
 def _check_sum_normalised(phi, name: str, x: Tensor, y: Tensor) -> None:

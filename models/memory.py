@@ -53,6 +53,15 @@ def write_memory(rule: nn.Module, k: Tensor, v: Tensor | OneHot, beta: Tensor | 
 from models.normalisation import QUERY_EPS, normalise
 
 
+def written_together(obj, fast: str, *reference: str) -> bool:
+    """True if the class that defines obj's method ``fast`` also defines (or inherits) each
+    ``reference`` method: a subclass that overrides forward (or read) but not the fast form
+    keeps a fast form that no longer computes the same thing, and must not use it."""
+    mro = type(obj).__mro__
+    owner = lambda name: next((c for c in mro if name in vars(c)), object)
+    return all(issubclass(owner(fast), owner(name)) for name in reference)
+
+
 class FastWeightMemory(nn.Module):
     """phi + normalisation + update rule. d_dot = phi.d_dot is the address-space size."""
 
@@ -89,6 +98,8 @@ class FastWeightMemory(nn.Module):
         return (width is not None and isinstance(v, OneHot)
                 and hasattr(self.rule, "attend_one_hot")
                 and self.rule.key_norm == "none" and self.rule.query_norm == "none"
+                and written_together(self.phi, "kernel", "forward")
+                and written_together(self.rule, "attend_one_hot", "read", "write_one_hot")
                 and num_queries * length * width
                 <= (length + v.size) * self.d_dot + num_queries * v.size)
 

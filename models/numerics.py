@@ -7,9 +7,11 @@ exp(+-Omega x - |x|^2 / 2) and softmax weights far from the maximum land there o
 training step then spends most of its time in those few exps.
 
 Flooring the argument at the log of the dtype's smallest normal number (``exp_floor``:
--87 in float32, -708 in float64) changes a result only where it is below 1.7e-38: a product
-of two such numbers (a kernel value phi(q) . phi(k)) is zero in float32 either way, and a
-floored entry of a softmax adds at most d * 1.7e-38 to a row sum that is at least 1.
+-87 in float32, -708 in float64) changes a result only where it is below 1.7e-38 (float32),
+where it becomes 1.6e-38. A kernel value phi(q) . phi(k) built from a floored feature changes by
+at most 1.6e-38 times the other feature (1e-25 when that one is as large as exp(30)), far below
+float32's resolution of any kernel sum it enters; a floored softmax entry adds at most
+d * 1.6e-38 to a row sum of at least 1.
 """
 from __future__ import annotations
 

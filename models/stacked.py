@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from models.memory import OneHot, per_call_features
+from models.memory import OneHot
 from models.retrieval import RetrievalModel
 
 
@@ -51,13 +51,16 @@ class StackedRetrievalModel(nn.Module):
 
     @staticmethod
     def supports(models: list[RetrievalModel]) -> bool:
-        """True when every member's memory is the same function: no parameters, no per-call
-        random features, equal buffers (e.g. Taylor's index tables), same class."""
+        """True when every member's memory is the same function: same class, no parameters,
+        no random feature map (per-call or fixed, each member has its own draws), equal
+        buffers (e.g. Taylor's index tables)."""
         memories = [m.memory for m in models]
         if any(type(mem) is not type(memories[0]) for mem in memories):
             return False
-        if any(True for _ in memories[0].parameters()) or per_call_features(memories[0]) is not None:
+        if any(True for _ in memories[0].parameters()):
             return False
+        if getattr(getattr(memories[0], "phi", None), "random", False):
+            return False                    # each member draws its own features
         reference = dict(memories[0].named_buffers())
         return all(reference.keys() == dict(mem.named_buffers()).keys()
                    and all(torch.equal(reference[name], buffer) for name, buffer in mem.named_buffers())

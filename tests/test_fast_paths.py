@@ -146,7 +146,7 @@ def test_fwm_write_float32_long_sequence_stays_finite(generator):
 
 COMBINATIONS = [("softmax", "sum", {}), ("linear", "sum", {}), ("dpfp", "delta", {"nu": 1}),
                 ("tanh", "fwm", {}), ("favor", "sum", {"m": 8}), ("dpfp", "fwm", {"nu": 1}),
-                ("dpfp", "sum", {"nu": 2}), ("taylor", "sum", {})]  # favor, dpfp, taylor sum: kernel form
+                ("dpfp", "sum", {"nu": 2}), ("taylor", "sum", {})]  # favor/dpfp/taylor sum: kernel form
 
 
 @pytest.mark.parametrize("feature_map,rule,options", COMBINATIONS)
@@ -157,6 +157,9 @@ def test_model_one_hot_path_equals_dense_path(feature_map, rule, options, settin
     if getattr(model.memory, "phi", None) is not None and model.memory.phi.random:
         model.memory.phi.redraw_policy = "fixed"       # the same features for both passes
     batch = sample_batch(setting, 9, 4, generator)
+    if rule == "sum" and feature_map in ("dpfp", "taylor", "favor"):
+        from models.memory import OneHot
+        assert model.memory.use_kernel(OneHot(batch.values, 9), batch.queries.shape[1], batch.length)
     results = []
     for one_hot in (True, False):
         model.one_hot_values = one_hot
@@ -201,3 +204,37 @@ def test_query_losses_equal_dense_target_formula(generator):
     y = model(batch)
     expected = 0.5 * (y - batch.target_vectors(y.dtype)).pow(2).sum(-1)
     torch.testing.assert_close(model.query_losses(batch), expected, rtol=0, atol=0)
+
+
+def test_a_subclass_that_changes_the_features_does_not_inherit_the_kernel(generator):
+    from models.feature_maps import DPFP, check_feature_map
+    from models.memory import OneHot
+    from models.rules import SumRule
+
+    class Squared(DPFP):
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    class Both(DPFP):
+        def forward(self, x):
+            return super().forward(x)
+
+        def kernel(self, q, k):
+            return super().kernel(q, k)
+
+    ids = OneHot(torch.zeros(2, 30, dtype=torch.long), 30)
+    from models.memory import FastWeightMemory
+    assert not FastWeightMemory(Squared(8, nu=2), SumRule(32, 30)).use_kernel(ids, 1, 30)
+    assert FastWeightMemory(Both(8, nu=2), SumRule(32, 30)).use_kernel(ids, 1, 30)
+
+    class OtherRead(SumRule):
+        def read(self, state, q):
+            return 2 * super().read(state, q)
+    assert not FastWeightMemory(DPFP(8, nu=2), OtherRead(32, 30)).use_kernel(ids, 1, 30)
+
+    class WrongKernel(DPFP):
+        def kernel(self, q, k):
+            return 2 * super().kernel(q, k)
+    with pytest.raises(ValueError, match="kernel"):
+        check_feature_map(WrongKernel(8, nu=1), 8)
+    check_feature_map(Both(8, nu=1), 8)

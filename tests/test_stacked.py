@@ -40,9 +40,12 @@ def test_stacked_equals_members_forward_and_backward(feature_map, rule, options,
         (y_m * weights[m]).sum().backward()
         torch.testing.assert_close(stacked.embedding.grad[m], model.embedding.weight.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(stacked.W_K_weight.grad[m], model.W_K.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stacked.W_K_bias.grad[m], model.W_K.bias.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stacked.W_Q_weight.grad[m], model.W_Q.weight.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(stacked.W_Q_bias.grad[m], model.W_Q.bias.grad, rtol=1e-10, atol=1e-12)
         if model.W_b is not None:
             torch.testing.assert_close(stacked.W_b_weight.grad[m], model.W_b.weight.grad, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(stacked.W_b_bias.grad[m], model.W_b.bias.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_stacked_reads_every_query_of_an_evaluation_set(generator):

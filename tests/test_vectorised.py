@@ -51,3 +51,15 @@ def test_members_stop_independently():
 def test_configs_must_differ_only_in_seed():
     with pytest.raises(ConfigError, match="only in their seed"):
         train_seeds([RunConfig(num_pairs=6), RunConfig(num_pairs=8, seed=1)])
+
+
+def test_a_group_whose_models_cannot_be_built_is_recorded_as_failed(monkeypatch):
+    from training import trainer
+
+    def out_of_memory(self):
+        raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(trainer.RetrievalTask, "build_model", out_of_memory)
+    base = RunConfig(num_pairs=6, max_steps=10)
+    results = train_seeds([base.replace(seed=s) for s in range(2)])
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert all("out of memory" in r["error"] for r in results)

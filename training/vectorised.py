@@ -28,7 +28,7 @@ from models.memory import per_call_features
 from models.stacked import StackedRetrievalModel
 from models.retrieval import masked_mean, retrieval_losses
 from training.config import ConfigError, RunConfig
-from training.trainer import RunRecord, make_optimizer, make_task, seed_streams
+from training.trainer import RunRecord, _Unbuilt, make_optimizer, make_task, seed_streams
 
 
 def same_but_seed(configs: list[RunConfig]) -> bool:
@@ -74,25 +74,29 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
         return []
     check_group(configs)
     tasks = [make_task(c) for c in configs]
-    models = [task.build_model() for task in tasks]
     streams = [seed_streams(c.seed)[:2] for c in configs]
     data_gens = [torch.Generator().manual_seed(s[0]) for s in streams]
     eval_gens = [torch.Generator().manual_seed(s[1]) for s in streams]
     records = [RunRecord(c) for c in configs]
     config = configs[0]
+    try:
+        models = [task.build_model() for task in tasks]
+        if StackedRetrievalModel.supports(models):
+            # The memory holds nothing per member: one module, the M batches as one batch.
+            stacked = StackedRetrievalModel(models)
+            parameters = list(stacked.parameters())
+            refresh_random_features = lambda: None
+            set_mode = stacked.train
 
-    if StackedRetrievalModel.supports(models):
-        # The memory holds nothing per member: one module, the M batches as one batch.
-        stacked = StackedRetrievalModel(models)
-        parameters = list(stacked.parameters())
-        refresh_random_features = lambda: None
-        set_mode = stacked.train
-
-        def forward(batches):
-            ids = _stack_batches(batches)
-            return stacked(ids["keys"], ids["values"], ids["queries"])          # [M, B, Q, S]
-    else:
-        forward, parameters, refresh_random_features, set_mode = _vmapped(models)
+            def forward(batches):
+                ids = _stack_batches(batches)
+                return stacked(ids["keys"], ids["values"], ids["queries"])      # [M, B, Q, S]
+        else:
+            forward, parameters, refresh_random_features, set_mode = _vmapped(models)
+    except (RuntimeError, MemoryError) as exc:       # as train(): e.g. out of memory for a huge S
+        for record in records:
+            record.stop("failed", f"{type(exc).__name__}: {exc}")
+        return [record.result(_Unbuilt()) for record in records]
     optimizer = make_optimizer(parameters, config.lr)
 
     try:
