@@ -6,11 +6,12 @@ its own batch. Two engines: when the memory holds nothing per member (no paramet
 feature draws: linear, dpfp, tanh, taylor, softmax, ... with sum, delta, fwm), the members are
 one ``models.stacked.StackedRetrievalModel`` whose memory sees the M batches as one batch
 (a step of M members runs the operations of one step, each M times larger); otherwise
-(FAVOR+, learnable maps, the fwl rule's learned W_0 and step size) torch.func.vmap over
-torch.func.stack_module_state, which is general but materialises batched copies. Adam is elementwise,
-so ONE Adam over the stacked parameters is exactly M independent Adams; every member keeps its
-own data stream, evaluation stream, initialisation and random-feature draws (the same streams
-as ``training.trainer.train`` uses for that seed) and its own stopping point, recorded by the
+(random maps such as FAVOR+, learnable maps, the fwl rule's learned W_0 and step size)
+torch.func.vmap over torch.func.stack_module_state, which is general but materialises batched
+copies. Adam is elementwise, so ONE Adam over the stacked parameters is exactly M independent
+Adams; every member keeps its own data stream, evaluation stream, initialisation and
+random-feature draws (the same streams as ``training.trainer.train`` uses for that seed) and
+its own stopping point, recorded by the
 same ``RunRecord``. A member that has stopped is masked out of the loss (its record is final);
 the group runs until its last member stops.
 
