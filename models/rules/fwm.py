@@ -8,8 +8,8 @@ Associative Inference Using Fast Weight Memory", arXiv 2011.07831), as used as t
 
 Keys are not normalised. As in the original code the first write is not clipped.
 
-Fast exact form (``fwm_chunkwise``, what FWMRule uses): never touch the D_k x D_v state inside
-the loop. In a chunk of C positions entering with state W_0 (S = W^T), keep the retrievals
+Chunkwise form (``fwm_chunkwise``, autograd; what runs under vmap): never touch the D_k x D_v
+state inside the loop. In a chunk of C positions entering with state W_0 (S = W^T), keep the retrievals
 R[s] = W_{t-1}^T k_s of all later positions s of the chunk ([B, C, D_v], the only thing a step
 needs from the state), and with G = K K^T:
 
@@ -22,6 +22,10 @@ needs from the state), and with G = K K^T:
 Every quantity is in the true scale (the clip factors only shrink), so nothing can overflow and
 no refold is needed; per step the loop touches [B, D_v] vectors and the [B, C - t, D_v] block of
 later retrievals instead of the [B, D_k, D_v] state.
+
+``fwm_write`` (what FWMRule uses) computes the same state the other way round: a step reads
+r_t from the updates u_s written so far in the chunk (one small product, nothing of size
+[C, D_v] written per step), which also keeps its hand-written backward small (``FWMWrite``).
 """
 from __future__ import annotations
 
@@ -93,25 +97,28 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
 
 
 class FWMWrite(torch.autograd.Function):
-    """``fwm_chunkwise`` with a hand-written backward (the reverse of its loop, step by step).
+    """The final FWM state with reads done lazily and a hand-written backward.
 
-    Autograd through the loop records ~12 small ops per position and replays ~3x as many in
-    the backward; most of that is per-op overhead at these sizes (B = 128, D_v = 20). Here the
-    forward runs without a graph and keeps per step only r_t, u_t, n'_t, c_t and the
-    pre-clip block P_t = R[t+1:] + G[t+1:, t] u_t ([B, C - t - 1, D_v]); the backward walks the
-    steps in reverse with the adjoint Rb of the later retrievals (notation of the module doc,
-    b = beta, hk = |k|^2 / 2, a trailing "b" marks an adjoint):
+    Within a chunk of C positions entering with state S_0 and norm n, the state entering step t
+    is S_{t-1} = g_t S_0 + sum_{s<t} E_ts k_s u_s^T with E_ts = prod_{s <= j < t} c_j and
+    g_t = prod_{j < t} c_j (both <= 1: no overflow). So a step reads
 
-        from S_out = d_0 S_0 + K^T (d * U), d_t = prod_{s >= t} c_s:
-            ub_t = d_t K_t S_out_b,  Kb = d * (U S_out_b^T),  cb_s = sum_{t <= s} db_t d_t / c_s
-        step t (reverse):  cb_t += <Rb, P_t>,  Pb = c_t Rb,  ub_t += Pb^T G[t+1:, t],
-            Gb[t+1:, t] = Pb u_t,  nb'_t = nb [n'_t <= 1] - cb_t c_t^3 / 2 [n'_t >= 1],
-            ub_t += nb'_t (2 r_t + 4 hk_t u_t),  rb_t = 2 nb'_t u_t - b_t ub_t,
-            Rb <- [rb_t; Pb],  nb <- nb'_t
-        afterwards: bb = sum(ub * (v - r)),  vb = b ub,  hkb = 2 nb' |u|^2,
-            Kb += (Gb + Gb^T) K + Rb S_0^T,  S_0b = d_0 S_out_b + K^T Rb
-    (the first write of the sequence has c = 1 and n = n': its masks are 1 and 0.)
-    Not twice differentiable.
+        r_t = sum_{s<t} w_ts u_s + g_t R0_t,   w_ts = G_ts E_ts,  R0 = K S_0
+
+    with one [1, t] x [t, D_v] product, and nothing of size [C, D_v] is written per step; the
+    norm and clip factor follow the module doc. The chunk's state is W_C = d_0 S_0 + K^T (d * U)
+    with d_s = prod_{j >= s} c_j.
+
+    Backward (a trailing "b" marks an adjoint; hk = |k|^2 / 2), reverse over j with the rows
+    rb_t (t > j) already known:
+        ub_j  = d_j K_j S_out_b + sum_{t>j} w_tj rb_t + nb'_j (2 r_j + 4 hk_j u_j)
+        nb'_j = nb_j [n'_j <= 1] - c_j^2 (cd_j + Phi_j) / 2 [n'_j >= 1]
+        rb_j  = -b_j ub_j + 2 nb'_j u_j,   nb_{j-1} = nb'_j
+    where c_j cb_j = cd_j + Phi_j splits into the chunk output's part cd_j = sum_{s <= j} db_s d_s
+    and the reads' part Phi_j = sum_{t>j} rb_t . (r_t restricted to sources s <= j and S_0),
+    carried as Phi_{j-1} = Phi_j + rb_j . r_j - u_j . sum_{t>j} w_tj rb_t. Afterwards
+    wb = tril(Rb U^T, -1), Gb = wb * E + diag(nb' |u|^2), Kb += (Gb + Gb^T) K + g Rb S_0^T and
+    S_0b = d_0 S_out_b + K^T (g Rb). Not twice differentiable.
     """
 
     @staticmethod
@@ -125,29 +132,38 @@ class FWMWrite(torch.autograd.Function):
                                               beta.split(chunk_size, dim=1))):
             C = K.shape[1]
             G = K @ K.transpose(1, 2)                                 # [B, C, C]
-            half_kk = 0.5 * G.diagonal(dim1=1, dim2=2)                # [B, C]
-            R = K @ S if S is not None else K.new_zeros(B, C, D_v)   # [B, C, D_v]
-            r_list, u_list, n_list, c_list, P_list = [], [], [], [], []
+            hk = 0.5 * G.diagonal(dim1=1, dim2=2)                     # [B, C]
+            R0 = K @ S if S is not None else None                     # [B, C, D_v]
+            E = torch.eye(C, dtype=k.dtype).expand(B, C, C).clone()   # [B, C, C]: E_ts (s < t)
+            w = k.new_zeros(B, C, C)                                  # w_ts = G_ts E_ts
+            U = k.new_empty(B, C, D_v)
+            r = k.new_empty(B, C, D_v)
+            n_pre, c, g = k.new_empty(B, C), k.new_empty(B, C), k.new_ones(B, C)
+            g_t = g[:, 0]
             for t in range(C):
-                r_t = R[:, 0]
-                u_t = b[:, t, None] * (V[:, t] - r_t)
-                n_pre = n + 2 * (u_t * torch.addcmul(r_t, u_t, half_kk[:, t, None])).sum(-1)
-                if index == 0 and t == 0:
-                    c_t, n = torch.ones_like(n_pre), n_pre
+                if t > 0:
+                    torch.mul(E[:, t - 1, :t], c[:, t - 1, None], out=E[:, t, :t])
+                    torch.mul(G[:, t, :t], E[:, t, :t], out=w[:, t, :t])
+                    r_t = torch.bmm(w[:, t:t + 1, :t], U[:, :t]).squeeze(1)
+                    if R0 is not None:
+                        g_t = torch.mul(g[:, t - 1], c[:, t - 1], out=g[:, t])
+                        r_t = torch.addcmul(r_t, R0[:, t], g_t[:, None])
                 else:
-                    c_t, n = n_pre.clamp_min(1.0).rsqrt(), n_pre.clamp_max(1.0)
-                P_t = torch.addcmul(R[:, 1:], G[:, t + 1:, t, None], u_t[:, None, :])
-                R = c_t[:, None, None] * P_t
-                r_list.append(r_t); u_list.append(u_t); n_list.append(n_pre)
-                c_list.append(c_t); P_list.append(P_t)
-            U = torch.stack(u_list, dim=1)                            # [B, C, D_v]
-            c = torch.stack(c_list, dim=1)                            # [B, C]
-            decay = c.flip(1).cumprod(1).flip(1)                      # [B, C]
-            written = K.transpose(1, 2) @ (decay[:, :, None] * U)
-            chunks.append(dict(G=G, half_kk=half_kk, S0=S, r=torch.stack(r_list, dim=1), U=U,
-                               n_pre=torch.stack(n_list, dim=1), c=c, P=P_list, decay=decay,
+                    r_t = R0[:, 0] if R0 is not None else k.new_zeros(B, D_v)
+                r[:, t] = r_t
+                u_t = torch.mul(V[:, t] - r_t, b[:, t, None], out=U[:, t])
+                n_t = n + 2 * (u_t * torch.addcmul(r_t, u_t, hk[:, t, None])).sum(-1)
+                n_pre[:, t] = n_t
+                if index == 0 and t == 0:
+                    c[:, t], n = 1.0, n_t
+                else:
+                    torch.rsqrt(n_t.clamp_min(1.0), out=c[:, t])
+                    n = n_t.clamp_max(1.0)
+            d = c.flip(1).cumprod(1).flip(1)                          # [B, C]: prod_{j >= s} c_j
+            written = K.transpose(1, 2) @ (d[:, :, None] * U)         # [B, D_k, D_v]
+            chunks.append(dict(hk=hk, S0=S, r=r, U=U, n_pre=n_pre, c=c, g=g, d=d, E=E, w=w,
                                first=index == 0))
-            S = written if S is None else decay[:, :1, None] * S + written
+            S = written if S is None else d[:, :1, None] * S + written
         if S is None:
             S = k.new_zeros(B, D_k, D_v)
         ctx.save_for_backward(k, v, beta)
@@ -159,63 +175,64 @@ class FWMWrite(torch.autograd.Function):
     def backward(ctx, S_bar):
         k, v, beta = ctx.saved_tensors
         chunk_size, chunks = ctx.chunk_size, ctx.chunks
-        B = k.shape[0]
+        B, D_v = k.shape[0], v.shape[2]
         n_bar = k.new_zeros(B)                   # adjoint of the norm carried out of a chunk
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)), reversed(v.split(chunk_size, dim=1)),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
             C = K.shape[1]
-            G, hk, S0, r, U, n_pre, c, P, decay = (ch[name] for name in
-                                                   ("G", "half_kk", "S0", "r", "U", "n_pre", "c", "P", "decay"))
-            # S_out = d_0 S0 + K^T (d * U)
+            hk, S0, r, U, n_pre, c, g, d, E, w = (ch[name] for name in
+                                                  ("hk", "S0", "r", "U", "n_pre", "c", "g", "d", "E", "w"))
+            # The chunk's output S_out = d_0 S0 + K^T (d * U).
             Z = K @ S_bar                                             # [B, C, D_v]
-            U_bar_direct = decay[:, :, None] * Z                      # [B, C, D_v]
-            K_bar = decay[:, :, None] * (U @ S_bar.transpose(1, 2))   # [B, C, D_k]
-            decay_bar = (Z * U).sum(-1)                               # [B, C]
+            U_bar_direct = d[:, :, None] * Z
+            K_bar = d[:, :, None] * (U @ S_bar.transpose(1, 2))       # [B, C, D_k]
+            d_bar = (Z * U).sum(-1)                                   # [B, C]
             if S0 is not None:
-                decay_bar[:, 0] += (S_bar * S0).sum((1, 2))
-            c_bar = (decay_bar * decay).cumsum(1) / c                 # [B, C]
-            # Clip branches (the first write of the sequence: c = 1, n = n').
+                d_bar[:, 0] += (S_bar * S0).sum((1, 2))
+            cd = (d_bar * d).cumsum(1)                                # [B, C]: c_j cb_j from d
             low = (n_pre <= 1.0).to(k.dtype)                          # d n / d n'
-            dc_dn = -0.5 * c.pow(3) * (n_pre >= 1.0).to(k.dtype)      # d c / d n'
+            clip = 0.5 * c.pow(2) * (n_pre >= 1.0).to(k.dtype)        # -c^2/2 (c cb) = cb dc/dn'
             if ch["first"]:
-                low[:, 0], dc_dn[:, 0] = 1.0, 0.0
-            w = 2 * torch.addcmul(r, U, hk[:, :, None], value=2.0)    # [B, C, D_v]: d n'/d u
-            G_bar = k.new_zeros(B, C, C)
-            R_bar = k.new_zeros(B, 0, V.shape[2])                     # adjoint of R after step t
-            u_bars, n_bars = [None] * C, [None] * C
-            for t in range(C - 1, -1, -1):
-                u_bar = U_bar_direct[:, t]
-                cb = c_bar[:, t]
-                if t < C - 1:
-                    cb = cb + (R_bar * P[t]).sum((1, 2))
-                    P_bar = c[:, t, None, None] * R_bar                # [B, C - t - 1, D_v]
-                    G_bar[:, t + 1:, t] = (P_bar * U[:, t, None, :]).sum(-1)
-                    u_bar = u_bar + (G[:, t + 1:, t, None] * P_bar).sum(1)
-                else:
-                    P_bar = R_bar
-                nb = n_bar * low[:, t] + cb * dc_dn[:, t]             # adjoint of n'_t
-                u_bar = torch.addcmul(u_bar, w[:, t], nb[:, None])
-                r_bar = torch.addcmul(-b[:, t, None] * u_bar, U[:, t], 2 * nb[:, None])
-                R_bar = torch.cat([r_bar[:, None, :], P_bar], dim=1)
+                low[:, 0], clip[:, 0] = 1.0, 0.0
+            wn = 2 * torch.addcmul(r, U, hk[:, :, None], value=2.0)   # [B, C, D_v]: d n'/d u
+            wT = w.transpose(1, 2).contiguous()                       # wT[:, s, t] = w_ts
+            R_bar = k.new_zeros(B, C, D_v)
+            U_bar = k.new_empty(B, C, D_v)
+            nb_all = k.new_empty(B, C)
+            phi = k.new_zeros(B)
+            for j in range(C - 1, -1, -1):
+                nb = n_bar * low[:, j] - clip[:, j] * (cd[:, j] + phi)
+                ub = torch.addcmul(U_bar_direct[:, j], wn[:, j], nb[:, None])
+                if j < C - 1:
+                    ub_reads = torch.bmm(wT[:, j:j + 1, j + 1:], R_bar[:, j + 1:]).squeeze(1)
+                    ub = ub + ub_reads
+                    phi = phi - (U[:, j] * ub_reads).sum(-1)
+                U_bar[:, j] = ub
+                rb = torch.addcmul(-b[:, j, None] * ub, U[:, j], 2 * nb[:, None])
+                R_bar[:, j] = rb
+                phi = phi + (rb * r[:, j]).sum(-1)
+                nb_all[:, j] = nb
                 n_bar = nb
-                u_bars[t], n_bars[t] = u_bar, nb
-            U_bar = torch.stack(u_bars, dim=1)                        # [B, C, D_v]
-            nb_all = torch.stack(n_bars, dim=1)                       # [B, C]
             b_grads.append((U_bar * (V - r)).sum(-1))
             v_grads.append(b[:, :, None] * U_bar)
-            G_bar = G_bar + torch.diag_embed(nb_all * 2 * U.pow(2).sum(-1) * 0.5)   # hk = G_tt / 2
+            G_bar = (R_bar @ U.transpose(1, 2)).tril(-1) * E          # [B, C, C]
+            G_bar = G_bar + torch.diag_embed(nb_all * U.pow(2).sum(-1))   # hk = G_tt / 2
             K_bar = torch.baddbmm(K_bar, G_bar + G_bar.transpose(1, 2), K)
             if S0 is not None:
-                K_bar = torch.baddbmm(K_bar, R_bar, S0.transpose(1, 2))
-                S_bar = decay[:, :1, None] * S_bar + K.transpose(1, 2) @ R_bar
+                R0_bar = g[:, :, None] * R_bar                         # [B, C, D_v]
+                K_bar = torch.baddbmm(K_bar, R0_bar, S0.transpose(1, 2))
+                S_bar = d[:, :1, None] * S_bar + K.transpose(1, 2) @ R0_bar
             k_grads.append(K_bar)
         return (torch.cat(k_grads[::-1], dim=1), torch.cat(v_grads[::-1], dim=1),
                 torch.cat(b_grads[::-1], dim=1), None)
 
 
-def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> Tensor:
-    """Final FWM state S_L [B, D_k, D_v]: ``fwm_chunkwise`` with a hand-written backward."""
+def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tensor:
+    """Final FWM state S_L [B, D_k, D_v] by ``FWMWrite`` (lazy reads, hand-written backward).
+
+    A chunk's per-step read costs O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU
+    at the paper's sizes (B = 128, L = 400, D_v = 200)."""
     if torch._C._are_functorch_transforms_active():
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap: the autograd form
     return FWMWrite.apply(k, v, beta, int(chunk_size))
