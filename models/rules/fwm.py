@@ -235,6 +235,8 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
     at the paper's sizes (B = 128, L = 400, D_v = 200)."""
     if torch._C._are_functorch_transforms_active():
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap: the autograd form
+    if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
+        return fwm_chunkwise(k, v, beta, 64)     # evaluation: fewer ops per step, nothing kept
     return FWMWrite.apply(k, v, beta, int(chunk_size))
 
 
