@@ -10,10 +10,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
+# fla-core: flash-linear-attention's pure-PyTorch delta rule, the tests' external oracle and the
+# bench's fla column (loaded by path, installed without its GPU dependencies; optional).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet --no-deps fla-core==0.6.0 einops \
+		|| echo "fla-core not installed: its oracle tests and bench column are skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -167,7 +167,7 @@ def kernel_rows(quick: bool, budget_s: float) -> list[dict]:
     fla = load_fla_naive()
     if fla is None:
         print("note: flash-linear-attention is not installed: the fla naive column is skipped "
-              "(pip install flash-linear-attention==0.6.0)")
+              "(pip install --no-deps fla-core==0.6.0 einops)")
     rows = []
     lengths, widths = ((40, 400), (64, 128)) if quick else ((40, 400, 1200), (64, 128, 384))
     B = 32
