@@ -240,3 +240,16 @@ def test_a_subclass_that_changes_the_features_does_not_inherit_the_kernel(genera
     with pytest.raises(ValueError, match="kernel"):
         check_feature_map(WrongKernel(8, nu=1), 8)
     check_feature_map(Both(8, nu=1), 8)
+
+
+def test_fwm_write_with_constant_values(generator):
+    """One-hot values are constants in the models: the backward skips their gradient and the
+    others are unchanged."""
+    k = (2 * torch.randn(2, 20, 4, generator=generator, dtype=torch.float64)).requires_grad_()
+    v = F.one_hot(torch.randint(0, 5, (2, 20), generator=generator), 5).double()
+    beta = torch.rand(2, 20, generator=generator, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(2, 4, 5, generator=generator, dtype=torch.float64)
+    ours = torch.autograd.grad((fwm_write(k, v, beta, 6) * weight).sum(), (k, beta))
+    reference = torch.autograd.grad((fwm_recurrent(None, k, v, beta)[1] * weight).sum(), (k, beta))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

@@ -215,7 +215,8 @@ class FWMWrite(torch.autograd.Function):
                 nb_all[:, j] = nb
                 n_bar = nb
             b_grads.append((U_bar * (V - r)).sum(-1))
-            v_grads.append(b[:, :, None] * U_bar)
+            if ctx.needs_input_grad[1]:          # values are one-hot constants in the models
+                v_grads.append(b[:, :, None] * U_bar)
             G_bar = (R_bar @ U.transpose(1, 2)).tril(-1) * E          # [B, C, C]
             G_bar = G_bar + torch.diag_embed(nb_all * U.pow(2).sum(-1))   # hk = G_tt / 2
             K_bar = torch.baddbmm(K_bar, G_bar + G_bar.transpose(1, 2), K)
@@ -224,7 +225,7 @@ class FWMWrite(torch.autograd.Function):
                 K_bar = torch.baddbmm(K_bar, R0_bar, S0.transpose(1, 2))
                 S_bar = d[:, :1, None] * S_bar + K.transpose(1, 2) @ R0_bar
             k_grads.append(K_bar)
-        return (torch.cat(k_grads[::-1], dim=1), torch.cat(v_grads[::-1], dim=1),
+        return (torch.cat(k_grads[::-1], dim=1), torch.cat(v_grads[::-1], dim=1) if v_grads else None,
                 torch.cat(b_grads[::-1], dim=1), None)
 
 
