@@ -323,7 +323,9 @@ def command_sweep(args) -> int:
         counts = run_sweep(sweep, store, args.workers, args.backend, args.ray_address,
                            progress=not args.quiet, log=log, vectorise_seeds=args.vectorise_seeds)
     log(f"sweep {sweep.name} complete: {counts['ran']} ran ({counts['failed']} failed), "
-        f"{counts['already_done']} were already stored, {time.perf_counter() - start:.0f} s; "
+        f"{counts['already_done']} were already stored"
+        + (f" ({counts['skipped']} by another process meanwhile)" if counts["skipped"] else "")
+        + f", {time.perf_counter() - start:.0f} s; "
         f"store: {args.store}")
     if log_file:
         log_file.close()

@@ -80,6 +80,30 @@ def test_sweep_resumes_without_duplicates(tmp_path):
         assert run_sweep(sweep, store, workers=2, progress=False)["ran"] == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_runs_stored_meanwhile_by_another_process_are_skipped(tmp_path, workers):
+    """Work is handed out as workers free up: a run that another process (a second sweep,
+    `train`) stored after this sweep started is not trained twice."""
+    from training.sweep import seed_groups
+    from training.trainer import train
+    sweep = load_spec(write_spec(tmp_path, steps=50))
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        order = [c for group in seed_groups(pending_runs(sweep, store), False) for c in group]
+        late = order[-1]                       # handed out last
+        lines = []
+
+        def log(line):
+            lines.append(line)
+            if line.startswith("[1/"):         # the first result is in: "another process" stores
+                assert store.put_run(train(late, progress=False))
+
+        counts = run_sweep(sweep, store, workers=workers, progress=False, log=log)
+        assert counts["skipped"] == 1 and counts["ran"] == len(order) - 1
+        assert store.run_ids() == {c.run_id for c in sweep.runs}
+    assert [line for line in lines if "stored meanwhile by another process, skipped" in line
+            and late.run_id in line]
+
+
 def test_vectorised_sweep_trains_seeds_together_and_resumes(tmp_path):
     import json
     store_path = tmp_path / "r.sqlite"

@@ -267,6 +267,8 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
               ray_address: str | None = None, progress: bool = True,
               log: Callable[[str], None] | None = None, vectorise_seeds: bool = False) -> dict:
     """Run every pending run of the sweep; returns counts. Results are stored as they finish.
+    Work is handed out as workers free up, and a run that another process stored meanwhile is
+    skipped (counted in "skipped" and "already_done"), so sweeps may share a store.
 
     vectorise_seeds: the runs that differ only in seed train together as one vectorised model
     (one work item; results equal separate runs up to rounding, see training/vectorised.py)."""
@@ -282,7 +284,7 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
     pending = pending_runs(sweep, store)
     retry = store.failed_run_ids()
     workers = workers or default_workers()
-    counts = {"total": total, "already_done": total - len(pending), "ran": 0, "failed": 0}
+    counts = {"total": total, "already_done": total - len(pending), "ran": 0, "failed": 0, "skipped": 0}
     if log:
         where = f"{workers} local workers" if backend == "local" else "ray"
         log(f"sweep {sweep.name}: {total} runs, {counts['already_done']} already in the store, "
@@ -301,12 +303,28 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
         if log:
             log(f"[{counts['already_done'] + counts['ran']}/{total}] {summary_line(result)}")
 
+    def still_pending(group: list[RunConfig]) -> list[RunConfig]:
+        """The group's runs that no other process (another sweep, `train`) has stored since the
+        sweep started: work is handed out only as workers free up, so none is done twice."""
+        stored = store.run_ids() - retry
+        left = [c for c in group if c.run_id not in stored]
+        for config in group:
+            if config.run_id in stored:
+                counts["already_done"] += 1
+                counts["skipped"] += 1
+                bar.update(1)
+                if log:
+                    log(f"[{counts['already_done'] + counts['ran']}/{total}] {config.model_label} "
+                        f"{config.setting} S={config.num_pairs} seed={config.seed}: stored meanwhile "
+                        f"by another process, skipped [run {config.run_id}]")
+        return left
+
     try:
         groups = seed_groups(pending, vectorise_seeds)
         if backend == "local":
-            _run_local(groups, workers, finished)
+            _run_local(groups, workers, finished, still_pending)
         elif backend == "ray":
-            _run_ray(groups, ray_address, finished)
+            _run_ray(groups, ray_address, finished, still_pending)
         else:
             raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
     finally:
@@ -314,24 +332,40 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
     return counts
 
 
-def _run_local(groups: list[list[RunConfig]], workers: int, finished) -> None:
+def _run_local(groups: list[list[RunConfig]], workers: int, finished, still_pending) -> None:
     if workers == 1:
         for group in groups:
-            for result in run_group([c.to_dict() for c in group]):
-                finished(result)
+            group = still_pending(group)
+            if group:
+                for result in run_group([c.to_dict() for c in group]):
+                    finished(result)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                initargs=(1, True))
-    futures = [pool.submit(run_group, [c.to_dict() for c in group]) for group in groups]
+    queue = iter(groups)
+
+    def submit_next(in_flight: set) -> None:
+        for group in queue:
+            group = still_pending(group)
+            if group:
+                in_flight.add(pool.submit(run_group, [c.to_dict() for c in group]))
+                return
+
+    in_flight: set = set()
     try:
-        for future in as_completed(futures):
-            for result in future.result():
-                finished(result)
+        for _ in range(workers):
+            submit_next(in_flight)
+        while in_flight:
+            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                for result in future.result():
+                    finished(result)
+                submit_next(in_flight)
     except BaseException:
         # Ctrl-C or an error: stop now. Runs in flight are lost (never half-stored) and rerun
         # on resume; waiting for them could take hours.
@@ -343,7 +377,7 @@ def _run_local(groups: list[list[RunConfig]], workers: int, finished) -> None:
     pool.shutdown()
 
 
-def _run_ray(groups: list[list[RunConfig]], address: str | None, finished) -> None:
+def _run_ray(groups: list[list[RunConfig]], address: str | None, finished, still_pending) -> None:
     try:
         import ray
     except ImportError:
@@ -363,12 +397,27 @@ def _run_ray(groups: list[list[RunConfig]], address: str | None, finished) -> No
         _worker_init(1)
         return run_group(config_dicts)
 
-    remaining = [ray_run.remote([c.to_dict() for c in group]) for group in groups]
+    # Keep every CPU of the cluster busy, plus a few queued, and hand out the rest as tasks
+    # finish (runs stored meanwhile by another process are skipped, as locally).
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1))) + 4
+    queue = iter(groups)
+
+    def submit_next(remaining: list) -> None:
+        for group in queue:
+            group = still_pending(group)
+            if group:
+                remaining.append(ray_run.remote([c.to_dict() for c in group]))
+                return
+
+    remaining: list = []
     try:
+        for _ in range(slots):
+            submit_next(remaining)
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=1)
             for result in ray.get(ready[0]):
                 finished(result)
+            submit_next(remaining)
     except BaseException:
         for ref in remaining:
             ray.cancel(ref, force=True)
