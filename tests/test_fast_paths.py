@@ -31,10 +31,13 @@ def value_and_grads(state, inputs, generator):
     return state, grads
 
 
-def assert_same(result, reference, rtol=1e-9, atol=1e-11):
+def assert_same(result, reference, rtol=1e-9, atol=1e-11, without=()):
+    """Equal values and gradients; the inputs numbered in `without` get none (one-hot forms
+    take no dense values), every other gradient must be there."""
     (state, grads), (state_ref, grads_ref) = result, reference
     torch.testing.assert_close(state, state_ref, rtol=rtol, atol=atol)
-    for grad, grad_ref in zip(grads, grads_ref):
+    for index, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
+        assert (grad is None) == (index in without or grad_ref is None)
         if grad is not None:
             torch.testing.assert_close(grad, grad_ref, rtol=rtol * 10, atol=atol * 10)
 
@@ -53,7 +56,8 @@ def test_delta_write_forms_equal_recurrent(L, chunk, beta_range, generator):
         "one-hot autograd": lambda: delta_rule_write_one_hot(k, ids, 5, beta, chunk),
     }
     for name, form in forms.items():
-        assert_same(value_and_grads(form(), inputs, torch.Generator().manual_seed(0)), reference)
+        assert_same(value_and_grads(form(), inputs, torch.Generator().manual_seed(0)), reference,
+                    without=(2,) if "one-hot" in name else ())
 
 
 def test_delta_write_gradcheck(generator):
@@ -108,7 +112,7 @@ def test_rule_without_one_hot_path_gets_dense_values(generator):
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])
-@pytest.mark.parametrize("L,chunk", [(30, 64), (30, 7), (70, 16), (1, 4)])
+@pytest.mark.parametrize("L,chunk", [(30, 64), (30, 7), (70, 16), (1, 4), (30, 1), (64, 16)])
 def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator):
     B, D_k, D_v = 3, 6, 5
     k = (scale * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))).requires_grad_()
@@ -140,10 +144,54 @@ def test_fwm_write_float32_long_sequence_stays_finite(generator):
     beta = torch.rand(2, 400, generator=generator, dtype=torch.float64)
     S64 = fwm_recurrent(None, k, v, beta)[1]
     k32 = k.float().requires_grad_()
-    S32 = fwm_write(k32, v.float(), beta.float())
-    S32.sum().backward()
+    beta32 = beta.float().requires_grad_()
+    S32 = fwm_write(k32, v.float(), beta32)
+    weight = torch.randn(S32.shape, generator=generator, dtype=torch.float64)
+    (S32 * weight.float()).sum().backward()
     assert torch.isfinite(k32.grad).all()
     torch.testing.assert_close(S32.double(), S64, rtol=1e-3, atol=1e-4)
+    # Gradients too: within float32 rounding of the float64 reference's.
+    k64, beta64 = k.clone().requires_grad_(), beta.clone().requires_grad_()
+    reference = torch.autograd.grad((fwm_recurrent(None, k64, v, beta64)[1] * weight).sum(), (k64, beta64))
+    for grad32, grad64 in zip((k32.grad, beta32.grad), reference):
+        assert ((grad32.double() - grad64).norm() / grad64.norm()).item() < 1e-4
+
+
+def test_fwm_gradient_at_an_exact_clip_tie(generator):
+    """A saturated state (n = 1 after a clip) followed by a zero key gives n' = 1 exactly; the
+    fast forms then take the clip branch alone, as the reference's clamp does, and the gradient is
+    one of the one-sided difference quotients (not the sum of both branches)."""
+    gen = torch.Generator().manual_seed(1)
+    k = 3 * torch.randn(1, 5, 3, generator=gen, dtype=torch.float64)
+    k[:, 2] = 0.0
+    v = torch.randn(1, 5, 2, generator=gen, dtype=torch.float64)
+    beta = torch.rand(1, 5, generator=gen, dtype=torch.float64)
+    weight = torch.randn(1, 3, 2, generator=gen, dtype=torch.float64)
+    loss = lambda form, k: (form(k, v, beta) * weight).sum()
+    k_ref = k.clone().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(loss(lambda *a: fwm_recurrent(None, *a)[1], k_ref), k_ref)
+    for form in (lambda *a: fwm_write(*a, 3), lambda *a: fwm_chunkwise(*a, 3)):
+        k_fast = k.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss(form, k_fast), k_fast)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-10)
+    h = 1e-6
+    shifted = [k.clone() for _ in range(2)]
+    shifted[0][0, 2, 0] += h
+    shifted[1][0, 2, 0] -= h
+    with torch.no_grad():
+        base = loss(lambda *a: fwm_recurrent(None, *a)[1], k)
+        right = (loss(lambda *a: fwm_recurrent(None, *a)[1], shifted[0]) - base) / h
+        left = (base - loss(lambda *a: fwm_recurrent(None, *a)[1], shifted[1])) / h
+    assert abs(right - left) > 0.1                      # a real kink
+    assert min(abs(grad_ref[0, 2, 0] - right), abs(grad_ref[0, 2, 0] - left)) < 1e-4
+
+
+def test_fwm_empty_sequence_and_device(generator):
+    k, v, beta = torch.randn(2, 0, 3), torch.randn(2, 0, 4), torch.rand(2, 0)
+    assert torch.equal(fwm_write(k, v, beta), torch.zeros(2, 3, 4))
+    meta = [torch.randn(2, 5, 3, device="meta", requires_grad=True), torch.randn(2, 5, 2, device="meta"),
+            torch.rand(2, 5, device="meta")]
+    assert fwm_write(*meta).device.type == "meta"     # every buffer follows the inputs' device
 
 
 COMBINATIONS = [("softmax", "sum", {}), ("linear", "sum", {}), ("dpfp", "delta", {"nu": 1}),

@@ -83,7 +83,8 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
                 c_t, n, first = torch.ones_like(n_pre), n_pre, False
             else:
                 c_t = n_pre.clamp_min(1.0).rsqrt()                    # [B]
-                n = n_pre.clamp_max(1.0)                              # = c_t^2 n_pre
+                # = c_t^2 n_pre; at n' = 1 exactly the clip branch alone (as fwm_recurrent's clamp)
+                n = torch.where(n_pre < 1.0, n_pre, torch.ones_like(n_pre))
             # Later retrievals see the updated, clipped state (rows t+1..C-1 of the chunk).
             R = c_t[:, None, None] * torch.addcmul(R[:, 1:], g_t[:, t + 1:, None], u_t[:, None, :])
             updates.append(u_t)
@@ -112,7 +113,7 @@ class FWMWrite(torch.autograd.Function):
     Backward (a trailing "b" marks an adjoint; hk = |k|^2 / 2), reverse over j with the rows
     rb_t (t > j) already known:
         ub_j  = d_j K_j S_out_b + sum_{t>j} w_tj rb_t + nb'_j (2 r_j + 4 hk_j u_j)
-        nb'_j = nb_j [n'_j <= 1] - c_j^2 (cd_j + Phi_j) / 2 [n'_j >= 1]
+        nb'_j = nb_j [n'_j < 1] - c_j^2 (cd_j + Phi_j) / 2 [n'_j >= 1]   (first write: nb_j)
         rb_j  = -b_j ub_j + 2 nb'_j u_j,   nb_{j-1} = nb'_j
     where c_j cb_j = cd_j + Phi_j splits into the chunk output's part cd_j = sum_{s <= j} db_s d_s
     and the reads' part Phi_j = sum_{t>j} rb_t . (r_t restricted to sources s <= j and S_0),
@@ -134,7 +135,7 @@ class FWMWrite(torch.autograd.Function):
             G = K @ K.transpose(1, 2)                                 # [B, C, C]
             hk = 0.5 * G.diagonal(dim1=1, dim2=2)                     # [B, C]
             R0 = K @ S if S is not None else None                     # [B, C, D_v]
-            E = torch.eye(C, dtype=k.dtype).expand(B, C, C).clone()   # [B, C, C]: E_ts (s < t)
+            E = torch.eye(C, dtype=k.dtype, device=k.device).expand(B, C, C).clone()   # [B, C, C]: E_ts (s < t)
             w = k.new_zeros(B, C, C)                                  # w_ts = G_ts E_ts
             U = k.new_empty(B, C, D_v)
             r = k.new_empty(B, C, D_v)
@@ -191,7 +192,7 @@ class FWMWrite(torch.autograd.Function):
             if S0 is not None:
                 d_bar[:, 0] += (S_bar * S0).sum((1, 2))
             cd = (d_bar * d).cumsum(1)                                # [B, C]: c_j cb_j from d
-            low = (n_pre <= 1.0).to(k.dtype)                          # d n / d n'
+            low = (n_pre < 1.0).to(k.dtype)                 # d n / d n' (n' = 1: clip branch)
             clip = 0.5 * c.pow(2) * (n_pre >= 1.0).to(k.dtype)        # -c^2/2 (c cb) = cb dc/dn'
             if ch["first"]:
                 low[:, 0], clip[:, 0] = 1.0, 0.0
@@ -233,9 +234,12 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
     """Final FWM state S_L [B, D_k, D_v] by ``FWMWrite`` (lazy reads, hand-written backward).
 
     A chunk's per-step read costs O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU
-    at the paper's sizes (B = 128, L = 400, D_v = 200)."""
+    at the paper's sizes (B = 128, L = 400, D_v = 200). Without a gradient to compute
+    (evaluation) and under torch.func transforms (vmap, grad) ``fwm_chunkwise`` runs instead."""
+    if k.shape[1] == 0:
+        return k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
     if torch._C._are_functorch_transforms_active():
-        return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap: the autograd form
+        return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
         return fwm_chunkwise(k, v, beta, 64)     # evaluation: fewer ops per step, nothing kept
     return FWMWrite.apply(k, v, beta, int(chunk_size))
