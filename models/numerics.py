@@ -1,4 +1,4 @@
-"""exp and softmax without the slow path CPUs take for results below the normal float range.
+"""exp, softmax and tanh without the slow paths of CPU builds of PyTorch.
 
 On x86 CPUs, exp whose result underflows (below ~1.2e-38, i.e. arguments below about -87.3)
 runs 10-30x slower than exp of any other argument (measured with PyTorch's vectorised exp:
@@ -37,3 +37,14 @@ def floored_softmax(x: Tensor, dim: int = -1) -> Tensor:
     shifted = x - x.detach().amax(dim=dim, keepdim=True)
     e = floored_exp(shifted)
     return e / e.sum(dim=dim, keepdim=True)
+
+
+def tanh_via_sigmoid(x: Tensor) -> Tensor:
+    """tanh(x) as 2 sigmoid(2x) - 1.
+
+    PyTorch's CPU tanh is slow on this class of machine (measured: 8.0 ms for 3.3M float32
+    values, where 2 sigmoid(2x) - 1 takes 5.6 ms and exp 2.5 ms), and the tanh FWM applies it to
+    every key and query. In float32 the result is within 2e-7 of the exact tanh (torch.tanh:
+    3e-8), an absolute error far below the resolution of the sums it enters; in float64 within
+    4e-16. Gradients follow from sigmoid's."""
+    return torch.sigmoid(2.0 * x).mul(2.0).sub(1.0)

@@ -74,17 +74,20 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
         half_kk = 0.5 * G.diagonal(dim1=1, dim2=2)                    # [B, C]: |k_t|^2 / 2
         R = K @ S if S is not None else K.new_zeros(B, C, D_v)       # [B, C, D_v]: S^T k_s
         updates, clips = [], []
-        for t, (v_t, b_t, hk_t, g_t) in enumerate(zip(V.unbind(1), b.unbind(1), half_kk.unbind(1),
-                                                     G.unbind(2))):
+        # Per-step views made once: at evaluation sizes each op costs more than its arithmetic.
+        steps = zip((V * b[:, :, None]).unbind(1), b[:, :, None].unbind(1),
+                    half_kk[:, :, None].unbind(1), G.unbind(2))
+        for t, (bv_t, b_t, hk_t, g_t) in enumerate(steps):
             r_t = R[:, 0]                                             # [B, D_v]: S_{t-1}^T k_t
-            u_t = b_t[:, None] * (v_t - r_t)                          # [B, D_v]
-            n_pre = n + 2 * (u_t * torch.addcmul(r_t, u_t, hk_t[:, None])).sum(-1)
+            u_t = torch.addcmul(bv_t, b_t, r_t, value=-1.0)           # [B, D_v]: b_t (v_t - r_t)
+            n_pre = torch.add(n, (u_t * torch.addcmul(r_t, u_t, hk_t)).sum(-1), alpha=2.0)
             if first:
                 c_t, n, first = torch.ones_like(n_pre), n_pre, False
             else:
                 c_t = n_pre.clamp_min(1.0).rsqrt()                    # [B]
                 # = c_t^2 n_pre; at n' = 1 exactly the clip branch alone (as fwm_recurrent's clamp)
-                n = torch.where(n_pre < 1.0, n_pre, torch.ones_like(n_pre))
+                n = (torch.where(n_pre < 1.0, n_pre, torch.ones_like(n_pre)) if n_pre.requires_grad
+                     else n_pre.clamp_max(1.0))
             # Later retrievals see the updated, clipped state (rows t+1..C-1 of the chunk).
             R = c_t[:, None, None] * torch.addcmul(R[:, 1:], g_t[:, t + 1:, None], u_t[:, None, :])
             updates.append(u_t)
