@@ -134,11 +134,19 @@ class DPFP(FeatureMap):
     def kernel(self, q: Tensor, k: Tensor) -> Tensor:
         """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], without the
         2 D_k nu features: with p = r(q) * r(k) (elementwise, 2 D_k wide),
-        phi(q) . phi(k) = sum_j sum_i p_i p_{i-j}, i.e. nu products of p with its own rolls."""
+        phi(q) . phi(k) = sum_j sum_i p_i p_{i-j} = p . (sum_j roll(p, j)), the rolls summed as
+        nu windows of one circularly padded copy of p (one copy instead of nu)."""
         r_q = F.relu(torch.cat([q, -q], dim=-1))                          # [B, Q, 2 D_k]
         r_k = F.relu(torch.cat([k, -k], dim=-1))                          # [B, L, 2 D_k]
         p = r_q[:, :, None, :] * r_k[:, None, :, :]                       # [B, Q, L, 2 D_k]
-        return sum((p * p.roll(j, dims=-1)).sum(-1) for j in range(1, self.nu + 1))
+        width, nu = p.shape[-1], self.nu
+        if nu >= width:                                                   # shifts wrap around
+            return sum((p * p.roll(j, dims=-1)).sum(-1) for j in range(1, nu + 1))
+        padded = torch.cat([p[..., width - nu:], p], dim=-1)              # padded[m] = p[m - nu]
+        rolled = padded[..., nu - 1:nu - 1 + width]                       # roll(p, 1)
+        for j in range(2, nu + 1):
+            rolled = rolled + padded[..., nu - j:nu - j + width]          # + roll(p, j)
+        return (p * rolled).sum(-1)
 
     def extra_repr(self) -> str:
         return f"d_key={self.d_key}, nu={self.nu}, d_dot={self.d_dot}"

@@ -222,13 +222,15 @@ def test_model_one_hot_path_equals_dense_path(feature_map, rule, options, settin
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("feature_map,options", [("dpfp", {"nu": 1}), ("dpfp", {"nu": 3}), ("taylor", {}),
-                                                 ("favor", {"m": 16, "redraw": "fixed"})])
-def test_kernel_equals_feature_dot_products(feature_map, options, generator):
+@pytest.mark.parametrize("feature_map,options,d_key", [
+    ("dpfp", {"nu": 1}, 8), ("dpfp", {"nu": 3}, 8), ("dpfp", {"nu": 2}, 1), ("dpfp", {"nu": 5}, 2),
+    ("taylor", {}, 8), ("favor", {"m": 16, "redraw": "fixed"}, 8)])
+def test_kernel_equals_feature_dot_products(feature_map, options, d_key, generator):
+    """(DPFP with nu >= 2 D_k: shifts that wrap around the whole width.)"""
     from models.feature_maps import build_feature_map
-    phi = build_feature_map(feature_map, 8, **options).double()
-    q = torch.randn(3, 5, 8, generator=generator, dtype=torch.float64)
-    k = torch.randn(3, 7, 8, generator=generator, dtype=torch.float64)
+    phi = build_feature_map(feature_map, d_key, **options).double()
+    q = torch.randn(3, 5, d_key, generator=generator, dtype=torch.float64)
+    k = torch.randn(3, 7, d_key, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(phi.kernel(q, k), phi(q) @ phi(k).transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
