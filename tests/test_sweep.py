@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -105,7 +106,6 @@ def test_runs_stored_meanwhile_by_another_process_are_skipped(tmp_path, workers)
 
 
 def test_vectorised_sweep_trains_seeds_together_and_resumes(tmp_path):
-    import json
     store_path = tmp_path / "r.sqlite"
     sweep = load_spec(write_spec(tmp_path, steps=50))              # 4 configurations x 2 seeds
     with ResultsStore(store_path) as store:
@@ -196,6 +196,9 @@ def test_ray_backend_runs_into_the_same_store(tmp_path):
     assert process.returncode == 0, err[-2000:]
     with ResultsStore(store_path) as store:
         assert store.run_ids() == {c.run_id for c in load_spec(spec).runs}
+        versions = [json.loads(store.get_run(i)["versions"]) for i in store.run_ids()]
+    from training.store import suite_commit
+    assert {v["suite"] for v in versions} == {suite_commit()}   # workers have no .git: passed on
     assert "complete: 8 ran" in out
 
 

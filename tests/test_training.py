@@ -85,3 +85,16 @@ def test_run_id_of_a_user_map_follows_its_source(tmp_path):
     assert config.run_id == before
     path.write_text("import torch\nclass M(torch.nn.Module):\n    d_dot = 8\n")
     assert config.run_id != before
+
+
+def test_every_run_records_the_code_that_produced_it():
+    import subprocess
+    from pathlib import Path
+    result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1), progress=False)
+    suite = result["versions"]["suite"]
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:                   # a git checkout: the commit, "-dirty" if edited
+        assert suite.split("-")[0] == head.stdout.strip()[:12]
+    else:
+        assert suite == "unknown"

@@ -6,9 +6,11 @@ killed at any moment leaves either the complete run or nothing. WAL journaling k
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -59,13 +61,32 @@ class StoreError(RuntimeError):
     """The store cannot be used; its message is one line for the user."""
 
 
+SUITE_COMMIT_ENV = "FWR_SUITE_COMMIT"
+
+
+@functools.lru_cache(maxsize=None)
+def suite_commit() -> str:
+    """The suite's git commit ("-dirty" when tracked files differ from it), so that every stored
+    run says which code produced it; "unknown" outside a git checkout. The Ray driver passes its
+    own in FWR_SUITE_COMMIT to workers, whose copy of the repository has no .git."""
+    if os.environ.get(SUITE_COMMIT_ENV):
+        return os.environ[SUITE_COMMIT_ENV]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def library_versions() -> dict:
     import platform
 
     import numpy
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__}
+            "numpy": numpy.__version__, "suite": suite_commit()}
 
 
 class ResultsStore:

@@ -384,8 +384,10 @@ def _run_ray(groups: list[list[RunConfig]], address: str | None, finished, still
         raise ConfigError("--backend ray needs Ray: pip install 'ray>=2.9'") from None
     if not ray.is_initialized():
         # The repository travels to every node as the job's working directory.
+        from training.store import SUITE_COMMIT_ENV, suite_commit
         runtime_env = {"working_dir": str(ROOT),
-                       "excludes": [".venv/", ".git/", "results/", "**/__pycache__/", "*.sqlite*"]}
+                       "excludes": [".venv/", ".git/", "results/", "**/__pycache__/", "*.sqlite*"],
+                       "env_vars": {SUITE_COMMIT_ENV: suite_commit()}}
         try:
             ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
