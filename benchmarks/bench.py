@@ -122,7 +122,7 @@ def time_paper_config(config: RunConfig, budget_s: float) -> dict:
 def load_fla_naive():
     """fla/ops/delta_rule/naive.py by file path (the package's Triton parts do not run on CPU)."""
     spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("einops") is None:
         return None
     for location in spec.submodule_search_locations:
         path = Path(location) / "ops" / "delta_rule" / "naive.py"

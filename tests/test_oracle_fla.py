@@ -5,28 +5,12 @@ it without its GPU dependencies; where it is missing these tests are skipped.
 fla works on [B, H, L, d] and scales q by d_k^-1/2; its recurrence computes in float32, its
 chunkwise form in the input dtype (float64 here, for the gradients).
 """
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench import load_fla_naive
 from models.rules.delta import delta_rule_chunkwise, delta_rule_recurrent, delta_rule_write
-
-
-def load_fla_naive():
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("einops") is None:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "ops" / "delta_rule" / "naive.py"
-        if path.is_file():
-            module_spec = importlib.util.spec_from_file_location("fla_delta_rule_naive", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-            return module
-    return None
 
 
 fla = load_fla_naive()
