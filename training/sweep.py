@@ -399,27 +399,27 @@ def _run_ray(groups: list[list[RunConfig]], address: str | None, finished, still
         _worker_init(1)
         return run_group(config_dicts)
 
-    # Keep every CPU of the cluster busy, plus a few queued, and hand out the rest as tasks
-    # finish (runs stored meanwhile by another process are skipped, as locally).
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1))) + 4
+    # Keep every CPU of the cluster busy plus a few tasks queued (their demand is what makes an
+    # autoscaling cluster grow; the CPU count is read again as tasks finish) and hand out the
+    # rest as tasks finish, skipping runs stored meanwhile by another process, as locally.
     queue = iter(groups)
-
-    def submit_next(remaining: list) -> None:
-        for group in queue:
-            group = still_pending(group)
-            if group:
-                remaining.append(ray_run.remote([c.to_dict() for c in group]))
-                return
-
     remaining: list = []
+
+    def top_up() -> None:
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1))) + 4
+        while len(remaining) < slots:
+            group = next((g for g in map(still_pending, queue) if g), None)
+            if group is None:
+                return
+            remaining.append(ray_run.remote([c.to_dict() for c in group]))
+
     try:
-        for _ in range(slots):
-            submit_next(remaining)
+        top_up()
         while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
+            ready, remaining[:] = ray.wait(remaining, num_returns=1)
             for result in ray.get(ready[0]):
                 finished(result)
-            submit_next(remaining)
+            top_up()
     except BaseException:
         for ref in remaining:
             ray.cancel(ref, force=True)
