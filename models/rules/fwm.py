@@ -8,10 +8,10 @@ Associative Inference Using Fast Weight Memory", arXiv 2011.07831), as used as t
 
 Keys are not normalised. As in the original code the first write is not clipped.
 
-Chunkwise form (``fwm_chunkwise``, autograd; what runs under vmap): never touch the D_k x D_v
-state inside the loop. In a chunk of C positions entering with state W_0 (S = W^T), keep the retrievals
-R[s] = W_{t-1}^T k_s of all later positions s of the chunk ([B, C, D_v], the only thing a step
-needs from the state), and with G = K K^T:
+Chunkwise form (``fwm_chunkwise``, autograd; what runs under vmap and for evaluation): never
+touch the D_k x D_v state inside the loop. In a chunk of C positions entering with state W_0
+(S = W^T), keep the retrievals R[s] = W_{t-1}^T k_s of all later positions s of the chunk
+([B, C, D_v], the only thing a step needs from the state), and with G = K K^T:
 
     u_t  = beta_t (v_t - R[t])                      (u_t is the update written with k_t)
     n'_t = n_{t-1} + 2 u_t . R[t] + |k_t|^2 |u_t|^2   (||W'_t||^2; n_t = ||W_t||^2)
@@ -138,7 +138,8 @@ class FWMWrite(torch.autograd.Function):
             G = K @ K.transpose(1, 2)                                 # [B, C, C]
             hk = 0.5 * G.diagonal(dim1=1, dim2=2)                     # [B, C]
             R0 = K @ S if S is not None else None                     # [B, C, D_v]
-            E = torch.eye(C, dtype=k.dtype, device=k.device).expand(B, C, C).clone()   # [B, C, C]: E_ts (s < t)
+            # [B, C, C]: E_ts for s < t (the identity below is never read as a weight)
+            E = torch.eye(C, dtype=k.dtype, device=k.device).expand(B, C, C).clone()
             w = k.new_zeros(B, C, C)                                  # w_ts = G_ts E_ts
             U = k.new_empty(B, C, D_v)
             r = k.new_empty(B, C, D_v)
@@ -229,8 +230,8 @@ class FWMWrite(torch.autograd.Function):
                 K_bar = torch.baddbmm(K_bar, R0_bar, S0.transpose(1, 2))
                 S_bar = d[:, :1, None] * S_bar + K.transpose(1, 2) @ R0_bar
             k_grads.append(K_bar)
-        return (torch.cat(k_grads[::-1], dim=1), torch.cat(v_grads[::-1], dim=1) if v_grads else None,
-                torch.cat(b_grads[::-1], dim=1), None)
+        v_grad = torch.cat(v_grads[::-1], dim=1) if v_grads else None
+        return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None
 
 
 def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tensor:
