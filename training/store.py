@@ -71,13 +71,17 @@ def suite_commit() -> str:
     own in FWR_SUITE_COMMIT to workers, whose copy of the repository has no .git."""
     if os.environ.get(SUITE_COMMIT_ENV):
         return os.environ[SUITE_COMMIT_ENV]
-    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
     try:
-        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=10)
+        head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    if head.returncode != 0 or not head.stdout.strip():
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
 
 
 def library_versions() -> dict:

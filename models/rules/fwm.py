@@ -144,7 +144,6 @@ class FWMWrite(torch.autograd.Function):
             U = k.new_empty(B, C, D_v)
             r = k.new_empty(B, C, D_v)
             n_pre, c, g = k.new_empty(B, C), k.new_empty(B, C), k.new_ones(B, C)
-            g_t = g[:, 0]
             for t in range(C):
                 if t > 0:
                     torch.mul(E[:, t - 1, :t], c[:, t - 1, None], out=E[:, t, :t])
