@@ -113,7 +113,7 @@ def test_rule_without_one_hot_path_gets_dense_values(generator):
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])
 @pytest.mark.parametrize("L,chunk", [(30, 64), (30, 7), (70, 16), (1, 4), (30, 1), (64, 16)])
-def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator):
+def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, fwm_steps):
     B, D_k, D_v = 3, 6, 5
     k = (scale * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))).requires_grad_()
     v = F.one_hot(torch.randint(0, D_v, (B, L), generator=generator), D_v).double().requires_grad_()
@@ -130,14 +130,14 @@ def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator):
         assert reference[0].flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)
 
 
-def test_fwm_write_gradcheck(generator):
+def test_fwm_write_gradcheck(generator, fwm_steps):
     k = (2 * torch.randn(2, 8, 3, generator=generator, dtype=torch.float64)).requires_grad_()
     v = torch.randn(2, 8, 2, generator=generator, dtype=torch.float64, requires_grad=True)
     beta = torch.rand(2, 8, generator=generator, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda k, v, b: fwm_write(k, v, b, 3), (k, v, beta))
 
 
-def test_fwm_write_float32_long_sequence_stays_finite(generator):
+def test_fwm_write_float32_long_sequence_stays_finite(generator, fwm_steps):
     """Large unnormalised keys over 400 steps: the clipped state never overflows in fp32."""
     k = (5 * torch.relu(torch.randn(2, 400, 16, generator=generator, dtype=torch.float64)))
     v = F.one_hot(torch.randint(0, 8, (2, 400), generator=generator), 8).double()
@@ -157,7 +157,7 @@ def test_fwm_write_float32_long_sequence_stays_finite(generator):
         assert ((grad32.double() - grad64).norm() / grad64.norm()).item() < 1e-4
 
 
-def test_fwm_gradient_at_an_exact_clip_tie(generator):
+def test_fwm_gradient_at_an_exact_clip_tie(generator, fwm_steps):
     """A saturated state (n = 1 after a clip) followed by a zero key gives n' = 1 exactly; the
     fast forms then take the clip branch alone, as the reference's clamp does, and the gradient is
     one of the one-sided difference quotients (not the sum of both branches)."""
@@ -186,7 +186,7 @@ def test_fwm_gradient_at_an_exact_clip_tie(generator):
     assert min(abs(grad_ref[0, 2, 0] - right), abs(grad_ref[0, 2, 0] - left)) < 1e-4
 
 
-def test_fwm_empty_sequence_and_device(generator):
+def test_fwm_empty_sequence_and_device(generator, fwm_steps):
     k, v, beta = torch.randn(2, 0, 3), torch.randn(2, 0, 4), torch.rand(2, 0)
     assert torch.equal(fwm_write(k, v, beta), torch.zeros(2, 3, 4))
     meta = [torch.randn(2, 5, 3, device="meta", requires_grad=True), torch.randn(2, 5, 2, device="meta"),
@@ -292,7 +292,7 @@ def test_a_subclass_that_changes_the_features_does_not_inherit_the_kernel(genera
     check_feature_map(Both(8, nu=1), 8)
 
 
-def test_fwm_write_with_constant_values(generator):
+def test_fwm_write_with_constant_values(generator, fwm_steps):
     """One-hot values are constants in the models: the backward skips their gradient and the
     others are unchanged."""
     k = (2 * torch.randn(2, 20, 4, generator=generator, dtype=torch.float64)).requires_grad_()

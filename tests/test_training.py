@@ -98,3 +98,10 @@ def test_every_run_records_the_code_that_produced_it():
         assert suite.split("-")[0] == head.stdout.strip()[:12]
     else:
         assert suite == "unknown"
+
+
+def test_every_run_records_which_fwm_steps_ran():
+    from models.rules.native import kernel_name
+    result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map="tanh", rule="fwm"),
+                   progress=False)
+    assert result["versions"]["fwm_steps"] == kernel_name() in ("native", "torch")

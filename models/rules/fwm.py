@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.rules.base import UpdateRule
+from models.rules.native import backward_steps, forward_steps, steps
 
 def _clip_factor(norm: Tensor) -> Tensor:
     return 1.0 / torch.clamp(norm, min=1.0)
@@ -100,6 +101,65 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
     return S if S is not None else k.new_zeros(B, D_k, D_v)
 
 
+def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool):
+    """FWMWrite's forward: (S_L [B, D_k, D_v], per-chunk quantities for the backward if keep).
+
+    The steps of a chunk run in C (``models/rules/native.py``) for CPU tensors where a compiler
+    is available, else in the PyTorch loop below; both compute the same quantities."""
+    B, L, D_k = k.shape
+    D_v = v.shape[2]
+    native = steps(k)
+    S = None
+    n = k.new_zeros(B)
+    chunks = []
+    for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1), v.split(chunk_size, dim=1),
+                                          beta.split(chunk_size, dim=1))):
+        C = K.shape[1]
+        G = K @ K.transpose(1, 2)                                     # [B, C, C]
+        hk = 0.5 * G.diagonal(dim1=1, dim2=2)                         # [B, C]
+        R0 = K @ S if S is not None else None                         # [B, C, D_v]
+        U = k.new_empty(B, C, D_v)
+        r = k.new_empty(B, C, D_v)
+        n_pre, c = k.new_empty(B, C), k.new_empty(B, C)
+        if native is not None:
+            E, w, g = k.new_empty(B, C, C), k.new_empty(B, C, C), k.new_empty(B, C)
+            forward_steps(native, G, hk.contiguous(), R0, V.contiguous(), b.contiguous(), n,
+                          index == 0, E, w, U, r, n_pre, c, g)
+        else:
+            # [B, C, C]: E_ts for s < t (the identity below is never read as a weight)
+            E = torch.eye(C, dtype=k.dtype, device=k.device).expand(B, C, C).clone()
+            w = k.new_zeros(B, C, C)                                  # w_ts = G_ts E_ts
+            g = k.new_ones(B, C)
+            for t in range(C):
+                if t > 0:
+                    torch.mul(E[:, t - 1, :t], c[:, t - 1, None], out=E[:, t, :t])
+                    torch.mul(G[:, t, :t], E[:, t, :t], out=w[:, t, :t])
+                    r_t = torch.bmm(w[:, t:t + 1, :t], U[:, :t]).squeeze(1)
+                    if R0 is not None:
+                        g_t = torch.mul(g[:, t - 1], c[:, t - 1], out=g[:, t])
+                        r_t = torch.addcmul(r_t, R0[:, t], g_t[:, None])
+                else:
+                    r_t = R0[:, 0] if R0 is not None else k.new_zeros(B, D_v)
+                r[:, t] = r_t
+                u_t = torch.mul(V[:, t] - r_t, b[:, t, None], out=U[:, t])
+                n_t = n + 2 * (u_t * torch.addcmul(r_t, u_t, hk[:, t, None])).sum(-1)
+                n_pre[:, t] = n_t
+                if index == 0 and t == 0:
+                    c[:, t], n = 1.0, n_t
+                else:
+                    torch.rsqrt(n_t.clamp_min(1.0), out=c[:, t])
+                    n = n_t.clamp_max(1.0)
+        d = c.flip(1).cumprod(1).flip(1)                              # [B, C]: prod_{j >= s} c_j
+        written = K.transpose(1, 2) @ (d[:, :, None] * U)             # [B, D_k, D_v]
+        if keep:
+            chunks.append(dict(hk=hk, S0=S, r=r, U=U, n_pre=n_pre, c=c, g=g, d=d, E=E, w=w,
+                               first=index == 0))
+        S = written if S is None else d[:, :1, None] * S + written
+    if S is None:
+        S = k.new_zeros(B, D_k, D_v)
+    return S, chunks
+
+
 class FWMWrite(torch.autograd.Function):
     """The final FWM state with reads done lazily and a hand-written backward.
 
@@ -127,49 +187,7 @@ class FWMWrite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, beta, chunk_size):
-        B, L, D_k = k.shape
-        D_v = v.shape[2]
-        S = None
-        n = k.new_zeros(B)
-        chunks = []
-        for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1), v.split(chunk_size, dim=1),
-                                              beta.split(chunk_size, dim=1))):
-            C = K.shape[1]
-            G = K @ K.transpose(1, 2)                                 # [B, C, C]
-            hk = 0.5 * G.diagonal(dim1=1, dim2=2)                     # [B, C]
-            R0 = K @ S if S is not None else None                     # [B, C, D_v]
-            # [B, C, C]: E_ts for s < t (the identity below is never read as a weight)
-            E = torch.eye(C, dtype=k.dtype, device=k.device).expand(B, C, C).clone()
-            w = k.new_zeros(B, C, C)                                  # w_ts = G_ts E_ts
-            U = k.new_empty(B, C, D_v)
-            r = k.new_empty(B, C, D_v)
-            n_pre, c, g = k.new_empty(B, C), k.new_empty(B, C), k.new_ones(B, C)
-            for t in range(C):
-                if t > 0:
-                    torch.mul(E[:, t - 1, :t], c[:, t - 1, None], out=E[:, t, :t])
-                    torch.mul(G[:, t, :t], E[:, t, :t], out=w[:, t, :t])
-                    r_t = torch.bmm(w[:, t:t + 1, :t], U[:, :t]).squeeze(1)
-                    if R0 is not None:
-                        g_t = torch.mul(g[:, t - 1], c[:, t - 1], out=g[:, t])
-                        r_t = torch.addcmul(r_t, R0[:, t], g_t[:, None])
-                else:
-                    r_t = R0[:, 0] if R0 is not None else k.new_zeros(B, D_v)
-                r[:, t] = r_t
-                u_t = torch.mul(V[:, t] - r_t, b[:, t, None], out=U[:, t])
-                n_t = n + 2 * (u_t * torch.addcmul(r_t, u_t, hk[:, t, None])).sum(-1)
-                n_pre[:, t] = n_t
-                if index == 0 and t == 0:
-                    c[:, t], n = 1.0, n_t
-                else:
-                    torch.rsqrt(n_t.clamp_min(1.0), out=c[:, t])
-                    n = n_t.clamp_max(1.0)
-            d = c.flip(1).cumprod(1).flip(1)                          # [B, C]: prod_{j >= s} c_j
-            written = K.transpose(1, 2) @ (d[:, :, None] * U)         # [B, D_k, D_v]
-            chunks.append(dict(hk=hk, S0=S, r=r, U=U, n_pre=n_pre, c=c, g=g, d=d, E=E, w=w,
-                               first=index == 0))
-            S = written if S is None else d[:, :1, None] * S + written
-        if S is None:
-            S = k.new_zeros(B, D_k, D_v)
+        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True)
         ctx.save_for_backward(k, v, beta)
         ctx.chunks, ctx.chunk_size = chunks, chunk_size
         return S
@@ -181,6 +199,7 @@ class FWMWrite(torch.autograd.Function):
         chunk_size, chunks = ctx.chunk_size, ctx.chunks
         B, D_v = k.shape[0], v.shape[2]
         n_bar = k.new_zeros(B)                   # adjoint of the norm carried out of a chunk
+        native = steps(k)
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)), reversed(v.split(chunk_size, dim=1)),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
@@ -200,24 +219,28 @@ class FWMWrite(torch.autograd.Function):
             if ch["first"]:
                 low[:, 0], clip[:, 0] = 1.0, 0.0
             wn = 2 * torch.addcmul(r, U, hk[:, :, None], value=2.0)   # [B, C, D_v]: d n'/d u
-            wT = w.transpose(1, 2).contiguous()                       # wT[:, s, t] = w_ts
             R_bar = k.new_zeros(B, C, D_v)
             U_bar = k.new_empty(B, C, D_v)
             nb_all = k.new_empty(B, C)
-            phi = k.new_zeros(B)
-            for j in range(C - 1, -1, -1):
-                nb = n_bar * low[:, j] - clip[:, j] * (cd[:, j] + phi)
-                ub = torch.addcmul(U_bar_direct[:, j], wn[:, j], nb[:, None])
-                if j < C - 1:
-                    ub_reads = torch.bmm(wT[:, j:j + 1, j + 1:], R_bar[:, j + 1:]).squeeze(1)
-                    ub = ub + ub_reads
-                    phi = phi - (U[:, j] * ub_reads).sum(-1)
-                U_bar[:, j] = ub
-                rb = torch.addcmul(-b[:, j, None] * ub, U[:, j], 2 * nb[:, None])
-                R_bar[:, j] = rb
-                phi = phi + (rb * r[:, j]).sum(-1)
-                nb_all[:, j] = nb
-                n_bar = nb
+            if native is not None:
+                backward_steps(native, U_bar_direct, wn, w, U, r, b.contiguous(), low, clip,
+                               cd, n_bar, R_bar, U_bar, nb_all)
+            else:
+                wT = w.transpose(1, 2).contiguous()                   # wT[:, s, t] = w_ts
+                phi = k.new_zeros(B)
+                for j in range(C - 1, -1, -1):
+                    nb = n_bar * low[:, j] - clip[:, j] * (cd[:, j] + phi)
+                    ub = torch.addcmul(U_bar_direct[:, j], wn[:, j], nb[:, None])
+                    if j < C - 1:
+                        ub_reads = torch.bmm(wT[:, j:j + 1, j + 1:], R_bar[:, j + 1:]).squeeze(1)
+                        ub = ub + ub_reads
+                        phi = phi - (U[:, j] * ub_reads).sum(-1)
+                    U_bar[:, j] = ub
+                    rb = torch.addcmul(-b[:, j, None] * ub, U[:, j], 2 * nb[:, None])
+                    R_bar[:, j] = rb
+                    phi = phi + (rb * r[:, j]).sum(-1)
+                    nb_all[:, j] = nb
+                    n_bar = nb
             b_grads.append((U_bar * (V - r)).sum(-1))
             if ctx.needs_input_grad[1]:          # values are one-hot constants in the models
                 v_grads.append(b[:, :, None] * U_bar)
@@ -244,7 +267,10 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
     if torch._C._are_functorch_transforms_active():
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
-        return fwm_chunkwise(k, v, beta, 64)     # evaluation: fewer ops per step, nothing kept
+        # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
+        if steps(k) is not None:
+            return fwm_write_chunks(k, v, beta, int(chunk_size), keep=False)[0]
+        return fwm_chunkwise(k, v, beta, 64)
     return FWMWrite.apply(k, v, beta, int(chunk_size))
 
 

@@ -1,0 +1,116 @@
+"""Native (C) loops for the sequential steps of the FWM write, loaded with ctypes.
+
+The FWM write's clip factors make every position of a chunk depend on the one before, and at
+the paper's sizes each step is a handful of ops on [B, D_v] vectors: in PyTorch each costs a
+dispatch (~2 us) for a few thousand flops. ``csrc/fwm_steps.c`` runs those steps (forward and
+backward of one chunk, one sequence at a time); the chunk's matrix products stay in PyTorch.
+
+The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into a
+cache directory (``$FWR_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastweight-retrieval``, else
+``~/.cache/fastweight-retrieval``), under a name that hashes the source, the flags and the
+machine, so processes sharing the cache never load a stale build. No -march=native and no
+-ffast-math: every machine computes the same floats. Without a compiler, or with
+``FWR_NATIVE=0``, ``steps()`` returns None and the FWM write runs its PyTorch loop (the same
+arithmetic, rounded differently); ``kernel_name()`` says which one ran, and every stored run
+records it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "fwm_steps.c"
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FWR_CACHE_DIR"):
+        return Path(os.environ["FWR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastweight-retrieval"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes compiling at once never see half a file.
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("FWR_NATIVE", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or not SOURCE.is_file():
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, platform.machine(),
+                                                          platform.system()]).encode()).hexdigest()
+    target = cache_dir() / f"fwm_steps-{key[:16]}.so"
+    try:
+        if not target.is_file():
+            _compile(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for suffix in SUFFIX.values():
+        for name in (f"fwm_forward_{suffix}", f"fwm_backward_{suffix}"):
+            getattr(library, name).restype = None
+    return library
+
+
+def steps(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The compiled library if it can run the steps for tensors like x (CPU, float32 or
+    float64), else None."""
+    if x.device.type != "cpu" or x.dtype not in SUFFIX:
+        return None
+    return _library()
+
+
+def kernel_name() -> str:
+    """'native' if the FWM steps run compiled on this machine, else 'torch'."""
+    return "native" if _library() is not None else "torch"
+
+
+def _pointer(x: torch.Tensor | None):
+    if x is None:
+        return None
+    assert x.is_contiguous(), "the native FWM steps take contiguous tensors"
+    return ctypes.c_void_p(x.data_ptr())
+
+
+def forward_steps(library, G, hk, R0, V, b, n, first: bool, E, w, U, r, n_pre, c, g) -> None:
+    """Fill E, w, U, r, n_pre, c, g and update n in place (see csrc/fwm_steps.c)."""
+    B, C, D = U.shape
+    getattr(library, f"fwm_forward_{SUFFIX[U.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
+        *map(_pointer, (G, hk, R0, V, b, n)), ctypes.c_int(int(first)),
+        *map(_pointer, (E, w, U, r, n_pre, c, g)))
+
+
+def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
+                   R_bar, U_bar, nb_all) -> None:
+    """Fill R_bar, U_bar, nb_all and update n_bar in place (see csrc/fwm_steps.c)."""
+    B, C, D = U.shape
+    scratch = U.new_empty(D)
+    getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
+        *map(_pointer, (U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar, R_bar, U_bar,
+                        nb_all, scratch)))

@@ -1,0 +1,78 @@
+"""The compiled FWM steps (models/rules/native.py): the same numbers as the PyTorch loop, built
+once into the cache, and optional."""
+import shutil
+
+import pytest
+import torch
+
+import models.rules.fwm as fwm
+from models.rules import native
+from models.rules.fwm import fwm_recurrent, fwm_write
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A library lookup that starts from nothing, with its own cache directory."""
+    monkeypatch.setenv("FWR_CACHE_DIR", str(tmp_path / "cache"))
+    native._library.cache_clear()
+    yield tmp_path / "cache"
+    native._library.cache_clear()
+
+
+def test_built_wherever_there_is_a_compiler(fresh_library):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.kernel_name() == "native"
+    assert len(list(fresh_library.glob("fwm_steps-*.so"))) == 1
+    native._library.cache_clear()                    # a second process loads the cached build
+    assert native.kernel_name() == "native"
+    assert len(list(fresh_library.iterdir())) == 1   # no half-written files left behind
+
+
+def test_switched_off_by_the_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv("FWR_NATIVE", "0")
+    assert native.kernel_name() == "torch"
+    assert native.steps(torch.zeros(1)) is None
+    assert not fresh_library.exists()
+
+
+def test_missing_compiler_falls_back(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert native.kernel_name() == "torch"
+
+
+def test_only_cpu_float_tensors():
+    assert native.steps(torch.zeros(1, dtype=torch.float16)) is None
+    assert native.steps(torch.zeros(1, device="meta")) is None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_native_steps_equal_the_torch_loop(dtype, tol, monkeypatch, generator):
+    """Forward and backward, with the clip active, several chunks and a ragged last one; the keys
+    come in as a non-contiguous view, as the model's projections can."""
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native FWM steps are not built")
+    B, L, D_k, D_v = 5, 75, 12, 9
+    base = 2 * torch.randn(B, D_k, L, generator=generator, dtype=dtype)
+    v = torch.randn(B, L, D_v, generator=generator, dtype=dtype)
+    beta = torch.rand(B, L, generator=generator, dtype=dtype)
+    weight = torch.randn(B, D_k, D_v, generator=generator, dtype=dtype)
+
+    def run():
+        k = base.clone().requires_grad_()
+        vv, bb = v.clone().requires_grad_(), beta.clone().requires_grad_()
+        S = fwm_write(k.transpose(1, 2), vv, bb, 16)
+        (S * weight).sum().backward()
+        with torch.no_grad():
+            S_eval = fwm_write(k.transpose(1, 2), vv, bb, 16)
+        return S, S_eval, k.grad, vv.grad, bb.grad
+
+    compiled = run()
+    assert all(torch.equal(a, b) for a, b in zip(compiled, run()))      # deterministic
+    monkeypatch.setattr(fwm, "steps", lambda x: None)
+    loop = run()
+    for a, b in zip(compiled, loop):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    reference = fwm_recurrent(None, base.double().transpose(1, 2), v.double(), beta.double())[1]
+    torch.testing.assert_close(compiled[0].double(), reference, rtol=10 * tol, atol=10 * tol)
+    assert reference.flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)   # clip active
