@@ -84,6 +84,8 @@ class FastWeightMemory(nn.Module):
             return self.rule.attend_one_hot(self.phi.kernel(q, k), v.ids)
         phi_k = self.normalised(k, self.rule.key_norm, 0.0)
         phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
+        if self.use_answer(v, q.shape[1], k.shape[1]):
+            return self.rule.answer_one_hot(phi_q, phi_k, v.ids, beta)
         state = write_memory(self.rule, phi_k, v, beta)
         return self.rule.read(state, phi_q)
 
@@ -102,6 +104,14 @@ class FastWeightMemory(nn.Module):
                 and written_together(self.rule, "attend_one_hot", "read", "write_one_hot")
                 and num_queries * length * width
                 <= (length + v.size) * self.d_dot + num_queries * v.size)
+
+    def use_answer(self, v, num_queries: int, length: int) -> bool:
+        """Answer the queries without building the memory: for a rule with that form for
+        one-hot values (delta: the query carried backwards through the writes) when the rule
+        says it costs less (few queries per sequence, as in training)."""
+        return (isinstance(v, OneHot) and hasattr(self.rule, "answer_one_hot")
+                and written_together(self.rule, "answer_one_hot", "read", "write_one_hot")
+                and self.rule.answers_cheaper(num_queries, length))
 
     def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
         """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from models.memory import OneHot, SoftmaxMemory, write_memory
 from models.retrieval import build_model
 from models.rules import SumRule, fwm_recurrent
-from models.rules.delta import (delta_rule_chunkwise, delta_rule_recurrent, delta_rule_write,
-                                delta_rule_write_one_hot)
+from models.rules.delta import (delta_rule_answer, delta_rule_chunkwise, delta_rule_recurrent,
+                                delta_rule_write, delta_rule_write_one_hot)
 from models.rules.fwm import fwm_chunkwise, fwm_write
 from tasks import sample_batch
 from tasks.evaluation import evaluation_set
@@ -65,6 +65,51 @@ def test_delta_write_gradcheck(generator):
     assert torch.autograd.gradcheck(lambda k, b, v: delta_rule_write(k, v, b, 4), (k, beta, v))
     assert torch.autograd.gradcheck(
         lambda k, b: delta_rule_write(k, None, b, 4, ids=ids, d_value=3), (k, beta))
+
+
+@pytest.mark.parametrize("L,chunk", [(40, 64), (37, 8), (70, 32), (5, 1), (64, 16), (0, 8)])
+@pytest.mark.parametrize("num_queries", [1, 3])
+@pytest.mark.parametrize("beta_range", [(0.0, 1.0), (1 - 1e-3, 1.0)])
+def test_delta_answer_equals_reading_the_recurrent_state(L, chunk, num_queries, beta_range, generator):
+    k, ids, v, beta = keys_values(2, L, 7, 5, generator, beta_range)
+    q = F.elu(torch.randn(2, num_queries, 7, generator=generator, dtype=torch.float64)) + 1
+    q = (q / q.sum(-1, keepdim=True)).requires_grad_()
+    inputs = (q, k, beta, v)
+    reference = value_and_grads(q @ delta_rule_recurrent(None, k, v, beta)[1], inputs,
+                                torch.Generator().manual_seed(0))
+    dense = value_and_grads(delta_rule_answer(q, k, v, beta, chunk), inputs, torch.Generator().manual_seed(0))
+    assert_same(dense, reference)
+    one_hot = delta_rule_answer(q, k, None, beta, chunk, ids=ids, d_value=5)
+    assert_same(value_and_grads(one_hot, inputs, torch.Generator().manual_seed(0)), reference, without=(3,))
+
+
+def test_delta_answer_gradcheck(generator):
+    k, ids, v, beta = keys_values(2, 9, 4, 3, generator)
+    q = torch.rand(2, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, b: delta_rule_answer(q, k, None, b, 4, ids=ids, d_value=3), (q, k, beta))
+
+
+def test_delta_memory_answers_training_queries_without_the_state(generator, monkeypatch):
+    """Training (one query per sequence) takes the answer form, evaluation (every key) builds
+    the memory; both give the loss and gradients of writing the state and reading it."""
+    from models.memory import OneHot
+    from models.rules.delta import DeltaRule
+    model = build_model(30, "dpfp", "delta", feature_options={"nu": 1}).double()
+    train = sample_batch("overwrite", 30, 4, generator)
+    evaluation = evaluation_set("overwrite", 30, "paper", generator, num_sequences=2)
+    assert model.memory.use_answer(OneHot(train.values, 30), train.queries.shape[1], train.length)
+    assert not model.memory.use_answer(OneHot(evaluation.values, 30), evaluation.queries.shape[1],
+                                       evaluation.length)
+    results = []
+    for cheaper in (True, False):
+        monkeypatch.setattr(DeltaRule, "answers_cheaper", lambda self, Q, L, c=cheaper: c)
+        loss = model.loss(train)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_answer, grads_answer), (loss_state, grads_state) = results
+    torch.testing.assert_close(loss_answer, loss_state, rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads_answer, grads_state):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_delta_write_needs_one_value_form(generator):

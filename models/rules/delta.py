@@ -276,6 +276,50 @@ def delta_rule_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int 
     return DeltaRuleWrite.apply(k, beta, v, ids, d_value, int(chunk_size))
 
 
+def delta_rule_answer(q: Tensor, k: Tensor, v: Tensor | None, beta: Tensor,
+                      chunk_size: int = DEFAULT_CHUNK, ids: Tensor | None = None,
+                      d_value: int | None = None) -> Tensor:
+    """Answers y = S_L^T q [B, Q, D_v] of the final delta-rule state, without building it.
+
+    q [B, Q, D_k], k [B, L, D_k], beta [B, L]; values dense (v [B, L, D_v]) or one-hot
+    (v None, ids [B, L], d_value). Equals ``q @ delta_rule_write(k, v, beta, ...)``.
+
+    The state is linear in the values: U = T diag(beta) V with T = (I + tril(diag(beta) K K^T,
+    -1))^-1 over the whole sequence, so y^T = U^T K q^T = V^T diag(beta) Z with Z = T^T K q^T:
+    the query carried backwards through the writes,
+
+        Z_t = k_t . h_t,   h_t = q - sum_{s > t} beta_s Z_s k_s     (h: [D_k, Q] per sequence)
+
+    Chunkwise, last chunk first, with A_c = tril(diag(b_c) K_c K_c^T, -1) as in the write:
+        Z_c = (I + A_c)^-T K_c h,   h <- h - K_c^T diag(b_c) Z_c
+    Cost O(L D_k (C + 2Q)) against the state's O(L D_k D_v): for training's single query per
+    sequence it never touches a D_k x D_v matrix. Plain autograd (the triangular solves have
+    their own backward).
+    """
+    B, L, D_k = k.shape
+    if ids is not None and d_value is None:
+        raise ValueError("one-hot ids need d_value")
+    num_queries = q.shape[1]
+    if L == 0:                                                        # the zero state
+        return q @ q.new_zeros(B, D_k, int(d_value) if ids is not None else v.shape[2])
+    h = q.transpose(1, 2)                                             # [B, D_k, Q]
+    answers = []                                                      # beta_t Z_t, last chunk first
+    for K, b in zip(reversed(k.split(chunk_size, dim=1)), reversed(beta[:, :, None].split(chunk_size, dim=1))):
+        # K [B, C, D_k], b [B, C, 1]. The solve reads A's strict lower triangle only
+        # (transposed: the strict upper), so the rest of b * G is never masked.
+        A = b * (K @ K.transpose(1, 2))                               # [B, C, C]
+        Z = torch.linalg.solve_triangular(A.transpose(1, 2), K @ h, upper=True,
+                                          unitriangular=True)         # [B, C, Q]
+        bZ = b * Z
+        h = torch.baddbmm(h, K.transpose(1, 2), bZ, alpha=-1)
+        answers.append(bZ)
+    W = torch.cat(answers[::-1], dim=1).transpose(1, 2)               # [B, Q, L]
+    if ids is not None:                                               # V^T W^T as a scatter
+        return W.new_zeros(B, num_queries, int(d_value)).scatter_add(
+            2, ids[:, None, :].expand(B, num_queries, L), W)
+    return W @ v                                                      # [B, Q, D_v]
+
+
 class DeltaRule(UpdateRule):
     """Delta rule on sum-normalised keys and queries; no attention normaliser on reads."""
 
@@ -299,6 +343,16 @@ class DeltaRule(UpdateRule):
 
     def read(self, state, q):
         return q @ state
+
+    def answer_one_hot(self, q, k, ids, beta):
+        """``read(write_one_hot(k, ids, beta), q)`` without building the state (the query
+        carried backwards through the writes: ``delta_rule_answer``)."""
+        return delta_rule_answer(q, k, None, beta, self.chunk_size, ids=ids, d_value=self.d_value)
+
+    def answers_cheaper(self, num_queries: int, length: int) -> bool:
+        """Whether ``answer_one_hot`` costs less than write + read: O(L D_k (C + 2Q)) against
+        O(L D_k 2 D_v) multiply-adds (training's one query per sequence; not evaluation's S)."""
+        return min(self.chunk_size, length) + 2 * num_queries < 2 * self.d_value
 
     def causal(self, q, k, v, beta):
         return delta_rule_chunkwise(q, k, v, beta, self.chunk_size)[0]
