@@ -1,6 +1,11 @@
 """The compiled FWM steps (models/rules/native.py): the same numbers as the PyTorch loop, built
 once into the cache, and optional."""
+import os
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +32,34 @@ def test_built_wherever_there_is_a_compiler(fresh_library):
     native._library.cache_clear()                    # a second process loads the cached build
     assert native.kernel_name() == "native"
     assert len(list(fresh_library.iterdir())) == 1   # no half-written files left behind
+
+
+def test_a_damaged_cached_build_is_rebuilt(fresh_library):
+    """In a fresh process (this one has the good build loaded under the same name)."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.kernel_name() == "native"
+    (built,) = fresh_library.glob("fwm_steps-*.so")
+    damaged = built.with_suffix(".tmp")
+    damaged.write_bytes(b"not a shared library")
+    os.replace(damaged, built)
+    probe = "from models.rules import native; print(native.kernel_name())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "FWR_CACHE_DIR": str(fresh_library)})
+    assert out.stdout.strip() == "native", out.stderr[-2000:]
+    assert built.read_bytes()[:4] == b"\x7fELF" or platform.system() != "Linux"
+
+
+def test_an_unwritable_cache_falls_back(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FWR_CACHE_DIR", str(blocker / "cache"))    # under a file: cannot exist
+    native._library.cache_clear()
+    try:
+        assert native.kernel_name() == "torch"
+    finally:
+        native._library.cache_clear()
 
 
 def test_switched_off_by_the_environment(fresh_library, monkeypatch):

@@ -67,7 +67,11 @@ def _library() -> ctypes.CDLL | None:
     try:
         if not target.is_file():
             _compile(compiler, target)
-        library = ctypes.CDLL(str(target))
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError:                       # a damaged cached build: build it again, once
+            _compile(compiler, target)
+            library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
         return None
     for suffix in SUFFIX.values():
