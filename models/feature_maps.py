@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.numerics import floored_exp, floored_softmax, tanh_via_sigmoid
+from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
 
 
 class FeatureMap(nn.Module):
@@ -196,6 +196,47 @@ class RandomFeatureMap(FeatureMap):
         self.omega = orthogonal_gaussian(self.m, self.d_key, generator).to(self.omega)
 
 
+def favor_kernel_terms(q: Tensor, k: Tensor, omega: Tensor):
+    """FAVOR+'s phi(q) . phi(k) [B, Q, L] and its two halves' floored exps [B, Q, L, m]:
+    exp(+-s - c) with s = Omega (q + k), c = (|q|^2 + |k|^2) / 2 + log(2m)."""
+    s = (q[:, :, None, :] + k[:, None, :, :]) @ omega.T                  # [B, Q, L, m]
+    c = (0.5 * (q.pow(2).sum(-1)[:, :, None] + k.pow(2).sum(-1)[:, None, :])
+         + math.log(2 * omega.shape[0]))[..., None]                      # [B, Q, L, 1]
+    plus, minus = floored_exp(s - c), floored_exp(torch.sub(-c, s))
+    return plus.sum(-1) + minus.sum(-1), plus, minus
+
+
+class FAVORKernel(torch.autograd.Function):
+    """``favor_kernel_terms(q, k, omega)[0]`` with a hand-written backward (omega constant).
+
+    With K = sum_i e+_i + e-_i, dK/ds_i = e+_i - e-_i (a floored term contributes 0, as
+    ``floored_exp`` defines) and dK/dc = -K, so from the saved terms
+        d(q + k) = (g (e+ - e-)) Omega,   dq += -g K q,   dk += -g K k
+    (g the incoming gradient). dK/dc counts the floored terms' exp(floor) ~ 1e-38 each: a
+    difference below float32's normal range. Autograd would keep s - c, -s - c and both
+    clamps' inputs and make about twice the passes over the [B, Q, L, m] block.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, omega):
+        kernel, plus, minus = favor_kernel_terms(q, k, omega)
+        ctx.save_for_backward(q, k, omega, kernel, plus, minus)
+        return kernel
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, omega, kernel, plus, minus = ctx.saved_tensors
+        floor = torch.exp(torch.tensor(exp_floor(plus.dtype), dtype=plus.dtype))
+        slope = (torch.where(plus > floor, plus, 0.0)
+                 - torch.where(minus > floor, minus, 0.0)).mul_(grad[..., None])   # [B, Q, L, m]
+        d_sum = slope @ omega                                           # [B, Q, L, D_k]: d(q + k)
+        d_c = -(grad * kernel)                                          # [B, Q, L]
+        d_q = d_sum.sum(2) + d_c.sum(2)[..., None] * q
+        d_k = d_sum.sum(1) + d_c.sum(1)[..., None] * k
+        return d_q, d_k, None
+
+
 class FAVORPlus(RandomFeatureMap):
     """FAVOR+ positive random features (Choromanski et al. 2021, arXiv 2009.14794).
 
@@ -221,10 +262,14 @@ class FAVORPlus(RandomFeatureMap):
         return 2 * self.m
 
     def kernel(self, q: Tensor, k: Tensor) -> Tensor:
-        """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], as
-        sum_i exp(log phi(q)_i + log phi(k)_i): no features, and no memory behind them."""
-        log_q, log_k = self._log_features(q), self._log_features(k)     # [B, Q, 2m], [B, L, 2m]
-        return floored_exp(log_q[:, :, None, :] + log_k[:, None, :, :]).sum(-1)
+        """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], no features
+        and no memory behind them. The two halves of log phi(q) + log phi(k) are +-s - c with
+        s = Omega (q + k) and c = (|q|^2 + |k|^2) / 2 + log(2m): so
+        sum_i exp(s_i - c) + exp(-s_i - c), from m projections of q + k instead of 2m
+        log-features of each (fewer passes over the [B, Q, L, m] block)."""
+        if self.omega.requires_grad or torch._C._are_functorch_transforms_active():
+            return favor_kernel_terms(q, k, self.omega)[0]               # plain autograd
+        return FAVORKernel.apply(q, k, self.omega)
 
     def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
         """phi(x) / (sum_i phi(x)_i + eps) [..., 2m], finite for any finite x.

@@ -10,6 +10,7 @@ from models.rules import SumRule, fwm_recurrent
 from models.rules.delta import (delta_rule_answer, delta_rule_chunkwise, delta_rule_recurrent,
                                 delta_rule_write, delta_rule_write_one_hot)
 from models.rules.fwm import fwm_chunkwise, fwm_write
+from models.numerics import exp_floor
 from tasks import sample_batch
 from tasks.evaluation import evaluation_set
 
@@ -277,6 +278,30 @@ def test_kernel_equals_feature_dot_products(feature_map, options, d_key, generat
     q = torch.randn(3, 5, d_key, generator=generator, dtype=torch.float64)
     k = torch.randn(3, 7, d_key, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(phi.kernel(q, k), phi(q) @ phi(k).transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 12.0])   # 12: many terms below exp's floor
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_favor_kernel_backward_equals_autograd_of_the_features(scale, dtype, generator):
+    from models.feature_maps import build_feature_map
+    phi = build_feature_map("favor", 6, m=16, redraw="fixed").to(dtype)
+    q0 = scale * torch.randn(3, 2, 6, generator=generator, dtype=torch.float64)
+    k0 = scale * torch.randn(3, 7, 6, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, 2, 7, generator=generator, dtype=torch.float64)
+
+    def value_and_grads(form):
+        q, k = q0.to(dtype).requires_grad_(), k0.to(dtype).requires_grad_()
+        out = form(q, k)
+        return (out, *torch.autograd.grad((out * weight.to(dtype)).sum(), (q, k)))
+
+    ours = value_and_grads(phi.kernel)
+    reference = value_and_grads(lambda q, k: phi(q) @ phi(k).transpose(1, 2))
+    tol = dict(rtol=1e-10, atol=1e-300) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-30)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, **tol)
+    if scale > 1:      # the floor was reached, so its zero-gradient rule was exercised
+        log_terms = phi._log_features(q0.to(dtype))[:, :, None] + phi._log_features(k0.to(dtype))[:, None]
+        assert (log_terms < exp_floor(dtype)).any()
 
 
 def test_kernel_form_answers_training_queries_and_memory_answers_evaluation(generator):
