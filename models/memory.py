@@ -109,9 +109,10 @@ class FastWeightMemory(nn.Module):
         """Answer the queries without building the memory: for a rule with that form for
         one-hot values (delta: the query carried backwards through the writes) when the rule
         says it costs less (few queries per sequence, as in training)."""
-        return (isinstance(v, OneHot) and hasattr(self.rule, "answer_one_hot")
+        cheaper = getattr(self.rule, "answers_cheaper", None)
+        return (isinstance(v, OneHot) and hasattr(self.rule, "answer_one_hot") and cheaper is not None
                 and written_together(self.rule, "answer_one_hot", "read", "write_one_hot")
-                and self.rule.answers_cheaper(num_queries, length))
+                and cheaper(num_queries, length))
 
     def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
         """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes

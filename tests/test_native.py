@@ -102,10 +102,43 @@ def test_native_steps_equal_the_torch_loop(dtype, tol, monkeypatch, generator):
 
     compiled = run()
     assert all(torch.equal(a, b) for a, b in zip(compiled, run()))      # deterministic
-    monkeypatch.setattr(fwm, "steps", lambda x: None)
+    monkeypatch.setattr(fwm, "steps", lambda *tensors: None)
     loop = run()
     for a, b in zip(compiled, loop):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     reference = fwm_recurrent(None, base.double().transpose(1, 2), v.double(), beta.double())[1]
     torch.testing.assert_close(compiled[0].double(), reference, rtol=10 * tol, atol=10 * tol)
     assert reference.flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)   # clip active
+
+
+def test_mixed_dtypes_and_autocast_take_the_torch_loop(generator):
+    """The C steps read raw buffers of one dtype: anything else must not reach them."""
+    B, L, D_k, D_v = 2, 10, 4, 3
+    k = torch.randn(B, L, D_k, generator=generator, dtype=torch.float64)
+    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
+    reference = fwm_recurrent(None, k, v, beta)[1]
+    assert native.steps(k, v.float(), beta) is None and native.steps(k, v, beta.float()) is None
+    for args in ((k, v.float(), beta), (k, v, beta.float())):
+        torch.testing.assert_close(fwm_write(*args, 4), reference, rtol=1e-5, atol=1e-6)
+        grad_args = [a.clone().requires_grad_() for a in args]
+        fwm_write(*grad_args, 4).sum().backward()
+        assert all(torch.isfinite(a.grad).all() for a in grad_args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native.steps(k.float(), v.float(), beta.float()) is None
+        out = fwm_write(k.float(), v.float(), beta.float(), 4)
+    torch.testing.assert_close(out.double(), reference, rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        native._pointers(torch.float32, torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_nan_spreads_as_in_the_reference(fwm_steps, generator):
+    k = torch.randn(1, 8, 3, generator=generator, dtype=torch.float64)
+    v = torch.randn(1, 8, 4, generator=generator, dtype=torch.float64)
+    v[0, 3, 1] = float("nan")
+    beta = torch.rand(1, 8, generator=generator, dtype=torch.float64)
+    reference = fwm_recurrent(None, k, v, beta)[1]
+    assert torch.isnan(reference).all()
+    assert torch.isnan(fwm_write(k, v, beta, 4)).all()
+    with torch.no_grad():
+        assert torch.isnan(fwm_write(k, v, beta, 4)).all()

@@ -105,3 +105,5 @@ def test_every_run_records_which_fwm_steps_ran():
     result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map="tanh", rule="fwm"),
                    progress=False)
     assert result["versions"]["fwm_steps"] == kernel_name() in ("native", "torch")
+    other = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1), progress=False)
+    assert "fwm_steps" not in other["versions"]

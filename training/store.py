@@ -89,11 +89,8 @@ def library_versions() -> dict:
 
     import numpy
     import torch
-
-    from models.rules.native import kernel_name
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "suite": suite_commit(),
-            "fwm_steps": kernel_name()}       # compiled or PyTorch FWM steps (rounding differs)
+            "numpy": numpy.__version__, "suite": suite_commit()}
 
 
 class ResultsStore:

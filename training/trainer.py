@@ -179,6 +179,15 @@ def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameters, lr=lr)
 
 
+def fwm_steps_used(config: RunConfig) -> dict:
+    """For FWM runs, which form ran the write's steps: "native" (compiled) or "torch" (they
+    round differently; models/rules/native.py). Runs train on the CPU in float32."""
+    if config.rule != "fwm":
+        return {}
+    from models.rules.native import kernel_name
+    return {"fwm_steps": kernel_name()}
+
+
 class RunRecord:
     """One run's bookkeeping under the protocol: curve, best, patience, stop and status."""
 
@@ -252,7 +261,7 @@ class RunRecord:
             # metrics at the best evaluation (best_*) and at the last one (final_*)
             "metrics": {**{f"best_{k}": v for k, v in self.best_metrics.items()},
                         **{f"final_{k}": v for k, v in self.metrics.items()}},
-            "versions": {**library_versions(), "engine": engine},
+            "versions": {**library_versions(), "engine": engine, **fwm_steps_used(config)},
             "curve": self.curve,
         }
 

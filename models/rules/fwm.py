@@ -108,7 +108,7 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
     is available, else in the PyTorch loop below; both compute the same quantities."""
     B, L, D_k = k.shape
     D_v = v.shape[2]
-    native = steps(k)
+    native = steps(k, v, beta)
     S = None
     n = k.new_zeros(B)
     chunks = []
@@ -188,6 +188,7 @@ class FWMWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, beta, chunk_size):
         S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True)
+        ctx.chunks_native = steps(k, v, beta) is not None   # the backward follows the forward
         ctx.save_for_backward(k, v, beta)
         ctx.chunks, ctx.chunk_size = chunks, chunk_size
         return S
@@ -199,7 +200,7 @@ class FWMWrite(torch.autograd.Function):
         chunk_size, chunks = ctx.chunk_size, ctx.chunks
         B, D_v = k.shape[0], v.shape[2]
         n_bar = k.new_zeros(B)                   # adjoint of the norm carried out of a chunk
-        native = steps(k)
+        native = steps(k, v, beta) if ctx.chunks_native else None
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)), reversed(v.split(chunk_size, dim=1)),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
@@ -268,7 +269,7 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
         # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
-        if steps(k) is not None:
+        if steps(k, v, beta) is not None:
             return fwm_write_chunks(k, v, beta, int(chunk_size), keep=False)[0]
         return fwm_chunkwise(k, v, beta, 64)
     return FWMWrite.apply(k, v, beta, int(chunk_size))

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,12 +43,19 @@ def cache_dir() -> Path:
 
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob("tmp*.so"):       # left by a process killed mid-build
+        try:
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
+        except OSError:
+            pass
     # Build beside the target and rename: processes compiling at once never see half a file.
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True,
                        capture_output=True, timeout=120)
+        os.chmod(partial, 0o755)             # mkstemp's 0600 would lock out a shared cache's users
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -80,10 +88,20 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def steps(x: torch.Tensor) -> ctypes.CDLL | None:
-    """The compiled library if it can run the steps for tensors like x (CPU, float32 or
-    float64), else None."""
-    if x.device.type != "cpu" or x.dtype not in SUFFIX:
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:                                  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The compiled library if it can run the steps for these tensors (all on the CPU, all
+    float32 or all float64, no autocast changing the dtype of what is computed from them),
+    else None."""
+    first = tensors[0]
+    if (first.device.type != "cpu" or first.dtype not in SUFFIX or _autocast_on()
+            or any(x.dtype != first.dtype or x.device != first.device for x in tensors)):
         return None
     return _library()
 
@@ -93,11 +111,13 @@ def kernel_name() -> str:
     return "native" if _library() is not None else "torch"
 
 
-def _pointer(x: torch.Tensor | None):
-    if x is None:
-        return None
-    assert x.is_contiguous(), "the native FWM steps take contiguous tensors"
-    return ctypes.c_void_p(x.data_ptr())
+def _pointers(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list:
+    """Raw pointers for C; every tensor must be a contiguous CPU tensor of this dtype."""
+    for x in tensors:
+        if x is not None and (x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous()):
+            raise ValueError(f"the native FWM steps take contiguous CPU {dtype} tensors, got "
+                             f"{x.dtype} on {x.device}{'' if x.is_contiguous() else ', strided'}")
+    return [None if x is None else ctypes.c_void_p(x.data_ptr()) for x in tensors]
 
 
 def forward_steps(library, G, hk, R0, V, b, n, first: bool, E, w, U, r, n_pre, c, g) -> None:
@@ -105,8 +125,8 @@ def forward_steps(library, G, hk, R0, V, b, n, first: bool, E, w, U, r, n_pre, c
     B, C, D = U.shape
     getattr(library, f"fwm_forward_{SUFFIX[U.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
-        *map(_pointer, (G, hk, R0, V, b, n)), ctypes.c_int(int(first)),
-        *map(_pointer, (E, w, U, r, n_pre, c, g)))
+        *_pointers(U.dtype, G, hk, R0, V, b, n), ctypes.c_int(int(first)),
+        *_pointers(U.dtype, E, w, U, r, n_pre, c, g))
 
 
 def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
@@ -116,5 +136,5 @@ def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
     scratch = U.new_empty(D)
     getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
-        *map(_pointer, (U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar, R_bar, U_bar,
-                        nb_all, scratch)))
+        *_pointers(U.dtype, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar, R_bar, U_bar,
+                   nb_all, scratch))

@@ -56,9 +56,9 @@ void fwm_forward_##SUFFIX(long B, long C, long D, const T *G, const T *hk, const
             if (first && t == 0) {                                                              \
                 ci[t] = 1;                                                                      \
                 norm = np;                                                                      \
-            } else {                                                                            \
-                ci[t] = 1 / (T)sqrt(np > 1 ? np : 1);                                           \
-                norm = np < 1 ? np : 1;                                                         \
+            } else {                /* written so that a NaN norm stays NaN, as clamp does */  \
+                ci[t] = np <= 1 ? 1 : 1 / (T)sqrt(np);                                          \
+                norm = np >= 1 ? 1 : np;                                                        \
             }                                                                                   \
         }                                                                                       \
         n[i] = norm;                                                                            \
