@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "fwm_steps.c"
+HEADERS = [SOURCE.with_name("fwm_steps_impl.h")]
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -67,10 +68,11 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("FWR_NATIVE", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None or not SOURCE.is_file():
+    if compiler is None or not all(path.is_file() for path in (SOURCE, *HEADERS)):
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, platform.machine(),
-                                                          platform.system()]).encode()).hexdigest()
+    code = b"".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+    setup = " ".join([compiler, *FLAGS, platform.machine(), platform.system()])
+    key = hashlib.sha256(code + setup.encode()).hexdigest()
     target = cache_dir() / f"fwm_steps-{key[:16]}.so"
     try:
         if not target.is_file():

@@ -4,103 +4,20 @@
  * in PyTorch; these loops are what costs a dispatch per tiny op there.
  *
  * Shapes (row-major, contiguous): B sequences, C positions, D value width.
- * Compiled without -ffast-math and with -ffp-contract=off, so every machine rounds the same way.
+ * Compiled without -ffast-math and with -ffp-contract=off, and every sum in a fixed order, so
+ * every machine rounds the same way.
  */
 #include <math.h>
 #include <string.h>
 
-#define FWM_STEPS(T, SUFFIX)                                                                     \
-/* Forward. In: G [B,C,C], hk [B,C], R0 [B,C,D] or NULL, V [B,C,D], b [B,C], n [B] (in/out),   \
- * first (1: the chunk opens the sequence; its first write is not clipped).                     \
- * Out: E [B,C,C] (E_ts, s < t; 1 on the diagonal, 0 above), w [B,C,C] (G_ts E_ts, s < t),      \
- * U [B,C,D], r [B,C,D], n_pre [B,C], c [B,C], g [B,C]. */                                     \
-void fwm_forward_##SUFFIX(long B, long C, long D, const T *G, const T *hk, const T *R0,         \
-                          const T *V, const T *b, T *n, int first, T *E, T *w, T *U, T *r,      \
-                          T *n_pre, T *c, T *g) {                                               \
-    for (long i = 0; i < B; ++i) {                                                              \
-        const T *Gi = G + i * C * C, *hki = hk + i * C, *Vi = V + i * C * D, *bi = b + i * C;  \
-        const T *R0i = R0 ? R0 + i * C * D : NULL;                                             \
-        T *Ei = E + i * C * C, *wi = w + i * C * C, *Ui = U + i * C * D, *ri = r + i * C * D;  \
-        T *npi = n_pre + i * C, *ci = c + i * C, *gi = g + i * C;                              \
-        T norm = n[i];                                                                          \
-        memset(Ei, 0, sizeof(T) * C * C);                                                       \
-        memset(wi, 0, sizeof(T) * C * C);                                                       \
-        for (long t = 0; t < C; ++t) {                                                          \
-            T *Et = Ei + t * C, *wt = wi + t * C, *rt = ri + t * D, *ut = Ui + t * D;          \
-            Et[t] = 1;                                                                          \
-            for (long d = 0; d < D; ++d) rt[d] = 0;                                             \
-            if (t > 0) {                                                                        \
-                const T *Ep = Ei + (t - 1) * C, cp = ci[t - 1];                                 \
-                for (long s = 0; s < t; ++s) {                                                  \
-                    Et[s] = Ep[s] * cp;                                                         \
-                    wt[s] = Gi[t * C + s] * Et[s];                                              \
-                    const T ws = wt[s], *us = Ui + s * D;                                       \
-                    for (long d = 0; d < D; ++d) rt[d] += ws * us[d];                           \
-                }                                                                               \
-                gi[t] = gi[t - 1] * cp;                                                         \
-            } else {                                                                            \
-                gi[t] = 1;                                                                      \
-            }                                                                                   \
-            if (R0i) {                                                                          \
-                const T gt = gi[t], *R0t = R0i + t * D;                                         \
-                for (long d = 0; d < D; ++d) rt[d] += R0t[d] * gt;                              \
-            }                                                                                   \
-            const T bt = bi[t], hkt = hki[t], *Vt = Vi + t * D;                                 \
-            T acc = 0;                                                                          \
-            for (long d = 0; d < D; ++d) {                                                      \
-                ut[d] = (Vt[d] - rt[d]) * bt;                                                   \
-                acc += ut[d] * (rt[d] + ut[d] * hkt);                                           \
-            }                                                                                   \
-            const T np = norm + 2 * acc;                                                        \
-            npi[t] = np;                                                                        \
-            if (first && t == 0) {                                                              \
-                ci[t] = 1;                                                                      \
-                norm = np;                                                                      \
-            } else {                /* written so that a NaN norm stays NaN, as clamp does */  \
-                ci[t] = np <= 1 ? 1 : 1 / (T)sqrt(np);                                          \
-                norm = np >= 1 ? 1 : np;                                                        \
-            }                                                                                   \
-        }                                                                                       \
-        n[i] = norm;                                                                            \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* Backward, reverse over positions j (see FWMWrite's docstring). In: Ubd [B,C,D] (the chunk     \
- * output's part of U's adjoint), wn [B,C,D] (d n'/d u), w [B,C,C], U, r [B,C,D], b, low, clip,  \
- * cd [B,C], n_bar [B] (in/out). Out: R_bar, U_bar [B,C,D], nb_all [B,C]. ub_reads [D] scratch. */ \
-void fwm_backward_##SUFFIX(long B, long C, long D, const T *Ubd, const T *wn, const T *w,      \
-                           const T *U, const T *r, const T *b, const T *low, const T *clip,     \
-                           const T *cd, T *n_bar, T *R_bar, T *U_bar, T *nb_all, T *ub_reads) { \
-    for (long i = 0; i < B; ++i) {                                                              \
-        const T *Ubdi = Ubd + i * C * D, *wni = wn + i * C * D, *wi = w + i * C * C;           \
-        const T *Ui = U + i * C * D, *ri = r + i * C * D, *bi = b + i * C;                     \
-        const T *lowi = low + i * C, *clipi = clip + i * C, *cdi = cd + i * C;                 \
-        T *Rbi = R_bar + i * C * D, *Ubi = U_bar + i * C * D, *nbi = nb_all + i * C;           \
-        T nbar = n_bar[i], phi = 0;                                                             \
-        for (long j = C - 1; j >= 0; --j) {                                                     \
-            const T nb = nbar * lowi[j] - clipi[j] * (cdi[j] + phi);                            \
-            const T *Uj = Ui + j * D, *rj = ri + j * D, *wnj = wni + j * D;                    \
-            T *ub = Ubi + j * D, *rb = Rbi + j * D;                                             \
-            for (long d = 0; d < D; ++d) ub_reads[d] = 0;                                       \
-            for (long t = j + 1; t < C; ++t) {                                                  \
-                const T wtj = wi[t * C + j], *Rbt = Rbi + t * D;                                \
-                for (long d = 0; d < D; ++d) ub_reads[d] += wtj * Rbt[d];                       \
-            }                                                                                   \
-            T u_dot_reads = 0, rb_dot_r = 0;                                                    \
-            const T bj = bi[j];                                                                 \
-            for (long d = 0; d < D; ++d) {                                                      \
-                ub[d] = Ubdi[j * D + d] + wnj[d] * nb + ub_reads[d];                            \
-                u_dot_reads += Uj[d] * ub_reads[d];                                             \
-                rb[d] = -bj * ub[d] + 2 * nb * Uj[d];                                           \
-                rb_dot_r += rb[d] * rj[d];                                                      \
-            }                                                                                   \
-            phi = phi - u_dot_reads + rb_dot_r;                                                 \
-            nbi[j] = nb;                                                                        \
-            nbar = nb;                                                                          \
-        }                                                                                       \
-        n_bar[i] = nbar;                                                                        \
-    }                                                                                           \
-}
+#define T float
+#define NAME(x) x##_f32
+#include "fwm_steps_impl.h"
+#undef T
+#undef NAME
 
-FWM_STEPS(float, f32)
-FWM_STEPS(double, f64)
+#define T double
+#define NAME(x) x##_f64
+#include "fwm_steps_impl.h"
+#undef T
+#undef NAME
