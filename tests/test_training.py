@@ -107,3 +107,12 @@ def test_every_run_records_which_fwm_steps_ran():
     assert result["versions"]["fwm_steps"] == kernel_name() in ("native", "torch")
     other = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1), progress=False)
     assert "fwm_steps" not in other["versions"]
+
+
+def test_the_recorded_commit_is_read_when_the_run_starts(monkeypatch):
+    """A long run trains with the code it loaded; HEAD moving meanwhile must not relabel it."""
+    import training.trainer as trainer
+    calls = iter(["commit-at-start", "commit-at-end"])
+    monkeypatch.setattr(trainer, "library_versions", lambda: {"suite": next(calls)})
+    result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1), progress=False)
+    assert result["versions"]["suite"] == "commit-at-start"

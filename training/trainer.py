@@ -201,6 +201,8 @@ class RunRecord:
         self.stopped = False
         self.start = time.perf_counter()
         self.wall_time = None
+        # Read when the run starts: HEAD may move while a long run trains with the code it loaded.
+        self.versions = {**library_versions(), **fwm_steps_used(config)}
 
     def train_step(self, step: int, loss: float) -> None:
         """Record a training loss; a NaN or inf stops the run as diverged."""
@@ -261,7 +263,7 @@ class RunRecord:
             # metrics at the best evaluation (best_*) and at the last one (final_*)
             "metrics": {**{f"best_{k}": v for k, v in self.best_metrics.items()},
                         **{f"final_{k}": v for k, v in self.metrics.items()}},
-            "versions": {**library_versions(), "engine": engine, **fwm_steps_used(config)},
+            "versions": {**self.versions, "engine": engine},
             "curve": self.curve,
         }
 
