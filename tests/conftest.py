@@ -16,13 +16,16 @@ def generator():
 
 
 @pytest.fixture(params=["native", "torch"])
-def fwm_steps(request, monkeypatch):
-    """Run the FWM write's chunk steps compiled (skipped without a C compiler) or in PyTorch."""
+def native_steps(request, monkeypatch):
+    """Run the FWM write's chunk steps and the delta rule's answer compiled (skipped without a C
+    compiler) or in PyTorch."""
+    import models.rules.delta as delta
     import models.rules.fwm as fwm
     from models.rules import native
 
     if request.param == "native" and native._library() is None:
-        pytest.skip("no C compiler: the native FWM steps are not built")
+        pytest.skip("no C compiler: the native steps are not built")
     if request.param == "torch":
-        monkeypatch.setattr(fwm, "steps", lambda *tensors: None)
+        for module in (fwm, delta):
+            monkeypatch.setattr(module, "steps", lambda *tensors: None)
     return request.param

@@ -71,7 +71,8 @@ def test_delta_write_gradcheck(generator):
 @pytest.mark.parametrize("L,chunk", [(40, 64), (37, 8), (70, 32), (5, 1), (64, 16), (0, 8)])
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("beta_range", [(0.0, 1.0), (1 - 1e-3, 1.0)])
-def test_delta_answer_equals_reading_the_recurrent_state(L, chunk, num_queries, beta_range, generator):
+def test_delta_answer_equals_reading_the_recurrent_state(L, chunk, num_queries, beta_range, generator,
+                                                          native_steps):
     k, ids, v, beta = keys_values(2, L, 7, 5, generator, beta_range)
     q = F.elu(torch.randn(2, num_queries, 7, generator=generator, dtype=torch.float64)) + 1
     q = (q / q.sum(-1, keepdim=True)).requires_grad_()
@@ -84,14 +85,14 @@ def test_delta_answer_equals_reading_the_recurrent_state(L, chunk, num_queries, 
     assert_same(value_and_grads(one_hot, inputs, torch.Generator().manual_seed(0)), reference, without=(3,))
 
 
-def test_delta_answer_gradcheck(generator):
+def test_delta_answer_gradcheck(generator, native_steps):
     k, ids, v, beta = keys_values(2, 9, 4, 3, generator)
     q = torch.rand(2, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda q, k, b: delta_rule_answer(q, k, None, b, 4, ids=ids, d_value=3), (q, k, beta))
 
 
-def test_delta_memory_answers_training_queries_without_the_state(generator, monkeypatch):
+def test_delta_memory_answers_training_queries_without_the_state(generator, monkeypatch, native_steps):
     """Training (one query per sequence) takes the answer form, evaluation (every key) builds
     the memory; both give the loss and gradients of writing the state and reading it."""
     from models.memory import OneHot
@@ -159,7 +160,7 @@ def test_rule_without_one_hot_path_gets_dense_values(generator):
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])
 @pytest.mark.parametrize("L,chunk", [(30, 64), (30, 7), (70, 16), (1, 4), (30, 1), (64, 16)])
-def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, fwm_steps):
+def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, native_steps):
     B, D_k, D_v = 3, 6, 5
     k = (scale * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))).requires_grad_()
     v = F.one_hot(torch.randint(0, D_v, (B, L), generator=generator), D_v).double().requires_grad_()
@@ -176,14 +177,14 @@ def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, fwm_steps):
         assert reference[0].flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)
 
 
-def test_fwm_write_gradcheck(generator, fwm_steps):
+def test_fwm_write_gradcheck(generator, native_steps):
     k = (2 * torch.randn(2, 8, 3, generator=generator, dtype=torch.float64)).requires_grad_()
     v = torch.randn(2, 8, 2, generator=generator, dtype=torch.float64, requires_grad=True)
     beta = torch.rand(2, 8, generator=generator, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda k, v, b: fwm_write(k, v, b, 3), (k, v, beta))
 
 
-def test_fwm_write_float32_long_sequence_stays_finite(generator, fwm_steps):
+def test_fwm_write_float32_long_sequence_stays_finite(generator, native_steps):
     """Large unnormalised keys over 400 steps: the clipped state never overflows in fp32."""
     k = (5 * torch.relu(torch.randn(2, 400, 16, generator=generator, dtype=torch.float64)))
     v = F.one_hot(torch.randint(0, 8, (2, 400), generator=generator), 8).double()
@@ -203,7 +204,7 @@ def test_fwm_write_float32_long_sequence_stays_finite(generator, fwm_steps):
         assert ((grad32.double() - grad64).norm() / grad64.norm()).item() < 1e-4
 
 
-def test_fwm_gradient_at_an_exact_clip_tie(generator, fwm_steps):
+def test_fwm_gradient_at_an_exact_clip_tie(generator, native_steps):
     """A saturated state (n = 1 after a clip) followed by a zero key gives n' = 1 exactly; the
     fast forms then take the clip branch alone, as the reference's clamp does, and the gradient is
     one of the one-sided difference quotients (not the sum of both branches)."""
@@ -232,7 +233,7 @@ def test_fwm_gradient_at_an_exact_clip_tie(generator, fwm_steps):
     assert min(abs(grad_ref[0, 2, 0] - right), abs(grad_ref[0, 2, 0] - left)) < 1e-4
 
 
-def test_fwm_empty_sequence_and_device(generator, fwm_steps):
+def test_fwm_empty_sequence_and_device(generator, native_steps):
     k, v, beta = torch.randn(2, 0, 3), torch.randn(2, 0, 4), torch.rand(2, 0)
     assert torch.equal(fwm_write(k, v, beta), torch.zeros(2, 3, 4))
     meta = [torch.randn(2, 5, 3, device="meta", requires_grad=True), torch.randn(2, 5, 2, device="meta"),
@@ -362,7 +363,7 @@ def test_a_subclass_that_changes_the_features_does_not_inherit_the_kernel(genera
     check_feature_map(Both(8, nu=1), 8)
 
 
-def test_fwm_write_with_constant_values(generator, fwm_steps):
+def test_fwm_write_with_constant_values(generator, native_steps):
     """One-hot values are constants in the models: the backward skips their gradient and the
     others are unchanged."""
     k = (2 * torch.randn(2, 20, 4, generator=generator, dtype=torch.float64)).requires_grad_()

@@ -28,7 +28,7 @@ def test_built_wherever_there_is_a_compiler(fresh_library):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler on this machine")
     assert native.kernel_name() == "native"
-    assert len(list(fresh_library.glob("fwm_steps-*.so"))) == 1
+    assert len(list(fresh_library.glob("native-*.so"))) == 1
     native._library.cache_clear()                    # a second process loads the cached build
     assert native.kernel_name() == "native"
     assert len(list(fresh_library.iterdir())) == 1   # no half-written files left behind
@@ -39,7 +39,7 @@ def test_a_damaged_cached_build_is_rebuilt(fresh_library):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler on this machine")
     assert native.kernel_name() == "native"
-    (built,) = fresh_library.glob("fwm_steps-*.so")
+    (built,) = fresh_library.glob("native-*.so")
     damaged = built.with_suffix(".tmp")
     damaged.write_bytes(b"not a shared library")
     os.replace(damaged, built)
@@ -132,7 +132,7 @@ def test_mixed_dtypes_and_autocast_take_the_torch_loop(generator):
         native._pointers(torch.float32, torch.zeros(3, dtype=torch.float64))
 
 
-def test_a_nan_spreads_as_in_the_reference(fwm_steps, generator):
+def test_a_nan_spreads_as_in_the_reference(native_steps, generator):
     k = torch.randn(1, 8, 3, generator=generator, dtype=torch.float64)
     v = torch.randn(1, 8, 4, generator=generator, dtype=torch.float64)
     v[0, 3, 1] = float("nan")
@@ -142,3 +142,30 @@ def test_a_nan_spreads_as_in_the_reference(fwm_steps, generator):
     assert torch.isnan(fwm_write(k, v, beta, 4)).all()
     with torch.no_grad():
         assert torch.isnan(fwm_write(k, v, beta, 4)).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_native_delta_answer_equals_the_chunkwise_solves(dtype, tol, monkeypatch, generator):
+    """Values and gradients of q, k and beta, several queries, non-contiguous keys, beta near 1."""
+    import models.rules.delta as delta
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    B, L, D_k, D_v, Q = 3, 70, 9, 6, 2
+    base = torch.rand(B, D_k, L, generator=generator, dtype=dtype)
+    base = base / base.sum(1, keepdim=True)
+    q0 = torch.rand(B, Q, D_k, generator=generator, dtype=dtype)
+    beta0 = 1 - 1e-3 * torch.rand(B, L, generator=generator, dtype=dtype)
+    ids = torch.randint(0, D_v, (B, L), generator=generator)
+    weight = torch.randn(B, Q, D_v, generator=generator, dtype=dtype)
+
+    def run():
+        q, k, beta = q0.clone().requires_grad_(), base.clone().requires_grad_(), beta0.clone().requires_grad_()
+        y = delta.delta_rule_answer(q, k.transpose(1, 2), None, beta, 16, ids=ids, d_value=D_v)
+        (y * weight).sum().backward()
+        return y, q.grad, k.grad, beta.grad
+
+    compiled = run()
+    assert all(torch.equal(a, b) for a, b in zip(compiled, run()))      # deterministic
+    monkeypatch.setattr(delta, "steps", lambda *tensors: None)
+    for a, b in zip(compiled, run()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

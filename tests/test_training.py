@@ -100,13 +100,15 @@ def test_every_run_records_the_code_that_produced_it():
         assert suite == "unknown"
 
 
-def test_every_run_records_which_fwm_steps_ran():
+@pytest.mark.parametrize("rule", ["fwm", "delta"])
+def test_runs_of_rules_with_compiled_steps_record_which_ran(rule):
     from models.rules.native import kernel_name
-    result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map="tanh", rule="fwm"),
+    feature_map = "tanh" if rule == "fwm" else "linear"        # the delta rule sum-normalises
+    result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map=feature_map, rule=rule),
                    progress=False)
-    assert result["versions"]["fwm_steps"] == kernel_name() in ("native", "torch")
+    assert result["versions"]["native_steps"] == kernel_name() in ("native", "torch")
     other = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1), progress=False)
-    assert "fwm_steps" not in other["versions"]
+    assert "native_steps" not in other["versions"]
 
 
 def test_the_recorded_commit_is_read_when_the_run_starts(monkeypatch):

@@ -179,13 +179,14 @@ def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameters, lr=lr)
 
 
-def fwm_steps_used(config: RunConfig) -> dict:
-    """For FWM runs, which form ran the write's steps: "native" (compiled) or "torch" (they
-    round differently; models/rules/native.py). Runs train on the CPU in float32."""
-    if config.rule != "fwm":
+def native_steps_used(config: RunConfig) -> dict:
+    """For rules with compiled steps (the FWM write, the delta rule's training answers), which
+    form ran them: "native" or "torch" (they round differently; models/rules/native.py). Runs
+    train on the CPU in float32."""
+    if config.rule not in ("fwm", "delta"):
         return {}
     from models.rules.native import kernel_name
-    return {"fwm_steps": kernel_name()}
+    return {"native_steps": kernel_name()}
 
 
 class RunRecord:
@@ -202,7 +203,7 @@ class RunRecord:
         self.start = time.perf_counter()
         self.wall_time = None
         # Read when the run starts: HEAD may move while a long run trains with the code it loaded.
-        self.versions = {**library_versions(), **fwm_steps_used(config)}
+        self.versions = {**library_versions(), **native_steps_used(config)}
 
     def train_step(self, step: int, loss: float) -> None:
         """Record a training loss; a NaN or inf stops the run as diverged."""

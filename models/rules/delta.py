@@ -27,6 +27,9 @@ Only the loop over chunks is sequential. Forms, each checked against the plain l
                                O(C^2) per chunk instead of O(C^2 D_v) (plain autograd)
     delta_rule_write           the same final state (dense or one-hot values) with a
                                hand-written backward (``DeltaRuleWrite``): what DeltaRule uses
+    delta_rule_answer          S_L^T q for a few queries without the state: the query carried
+                               backwards through the writes (training's single query), in C
+                               for up to 4 queries (``DeltaAnswer``), else chunk by chunk
 
 Why U' = T diag(beta) (V - K S0) rather than U - W S0: it needs C^2 D_v multiply-adds where
 W = T diag(beta) K needs C^2 D_k, and D_k = d_dot (128..384) is usually larger than D_v here;
@@ -38,10 +41,15 @@ import torch
 from torch import Tensor
 
 from models.rules.base import UpdateRule
+from models.rules.native import delta_answer_backward, delta_answer_forward, steps
 
 # Measured on the 2-core CPU (B = 32, D_k = 128, L = 40..400): C = 32 was fastest or within noise
 # of the best of C = 16..128, fwd + bwd; a sequence of L <= 32 is one chunk.
 DEFAULT_CHUNK = 32
+# The compiled answer (one position at a time, keeping L x Q x D_k carried queries per sequence)
+# beats the chunkwise solves up to about 8 queries per sequence and loses badly from 16 (measured
+# at B = 32, L = 200, D_k = 128: fwd + bwd 1.1 vs 8.0 ms at Q = 1, 37 vs 10 ms at Q = 16).
+NATIVE_MAX_QUERIES = 4
 
 
 def delta_rule_recurrent(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
@@ -302,6 +310,20 @@ def delta_rule_answer(q: Tensor, k: Tensor, v: Tensor | None, beta: Tensor,
     num_queries = q.shape[1]
     if L == 0:                                                        # the zero state
         return q @ q.new_zeros(B, D_k, int(d_value) if ids is not None else v.shape[2])
+    library = steps(q, k, beta) if num_queries <= NATIVE_MAX_QUERIES else None
+    if library is not None and not torch._C._are_functorch_transforms_active():
+        # One position at a time in C (csrc/delta_answer.c): Z_t = k_t . h_t directly.
+        W = DeltaAnswer.apply(q, k, beta).transpose(1, 2)             # [B, Q, L]
+    else:
+        W = _answer_weights_chunkwise(q, k, beta, chunk_size)
+    if ids is not None:                                               # V^T W^T as a scatter
+        return W.new_zeros(B, num_queries, int(d_value)).scatter_add(
+            2, ids[:, None, :].expand(B, num_queries, L), W)
+    return W @ v                                                      # [B, Q, D_v]
+
+
+def _answer_weights_chunkwise(q: Tensor, k: Tensor, beta: Tensor, chunk_size: int) -> Tensor:
+    """beta_t Z_t of ``delta_rule_answer`` for every position, [B, Q, L], chunk by chunk."""
     h = q.transpose(1, 2)                                             # [B, D_k, Q]
     answers = []                                                      # beta_t Z_t, last chunk first
     for K, b in zip(reversed(k.split(chunk_size, dim=1)), reversed(beta[:, :, None].split(chunk_size, dim=1))):
@@ -313,11 +335,32 @@ def delta_rule_answer(q: Tensor, k: Tensor, v: Tensor | None, beta: Tensor,
         bZ = b * Z
         h = torch.baddbmm(h, K.transpose(1, 2), bZ, alpha=-1)
         answers.append(bZ)
-    W = torch.cat(answers[::-1], dim=1).transpose(1, 2)               # [B, Q, L]
-    if ids is not None:                                               # V^T W^T as a scatter
-        return W.new_zeros(B, num_queries, int(d_value)).scatter_add(
-            2, ids[:, None, :].expand(B, num_queries, L), W)
-    return W @ v                                                      # [B, Q, D_v]
+    return torch.cat(answers[::-1], dim=1).transpose(1, 2)            # [B, Q, L]
+
+
+class DeltaAnswer(torch.autograd.Function):
+    """beta_t Z_t [B, L, Q] of ``delta_rule_answer`` by the position-by-position recurrence in C
+    (``models/rules/native.py``): O(L D_k Q) per sequence, no triangular solves. Keeps the carried
+    query before every position (L x Q x D_k per sequence) for the backward. Not twice
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, beta):
+        library = steps(q, k, beta)
+        w, z, hs = delta_answer_forward(library, q.contiguous(), k.contiguous(), beta.contiguous())
+        ctx.save_for_backward(k, beta, z, hs)
+        return w
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dw):
+        k, beta, z, hs = ctx.saved_tensors
+        library = steps(dw, k, beta)
+        if library is None:
+            raise RuntimeError("the native delta-rule answer needs its library for the backward")
+        dq, dk, dbeta = delta_answer_backward(library, dw.contiguous(), k.contiguous(),
+                                              beta.contiguous(), z, hs)
+        return dq, dk, dbeta
 
 
 class DeltaRule(UpdateRule):

@@ -1,18 +1,22 @@
-"""Native (C) loops for the sequential steps of the FWM write, loaded with ctypes.
+"""Native (C) loops for sequential steps, loaded with ctypes.
 
-The FWM write's clip factors make every position of a chunk depend on the one before, and at
-the paper's sizes each step is a handful of ops on [B, D_v] vectors: in PyTorch each costs a
-dispatch (~2 us) for a few thousand flops. ``csrc/fwm_steps.c`` runs those steps (forward and
-backward of one chunk, one sequence at a time); the chunk's matrix products stay in PyTorch.
+Some recurrences are a long run of tiny steps, where PyTorch spends a dispatch (~2 us) per op on
+a few thousand flops:
+- the FWM write's clip factors make every position of a chunk depend on the one before;
+  ``csrc/fwm_steps.c`` runs those steps (forward and backward of one chunk, one sequence at a
+  time), and the chunk's matrix products stay in PyTorch;
+- the delta rule's answer to one query carries the query backwards through the writes, O(D_k)
+  per position (``csrc/delta_answer.c``).
 
-The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into a
-cache directory (``$FWR_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastweight-retrieval``, else
-``~/.cache/fastweight-retrieval``), under a name that hashes the source, the flags and the
-machine, so processes sharing the cache never load a stale build. No -march=native and no
+The sources are compiled on first use into one library, with the system's C compiler (``$CC``,
+else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fastweight-retrieval``, else ``~/.cache/fastweight-retrieval``), under a name
+that hashes the sources, the flags and the machine, so processes sharing the cache never load a
+stale build. No -march=native and no
 -ffast-math: every machine computes the same floats. Without a compiler, or with
-``FWR_NATIVE=0``, ``steps()`` returns None and the FWM write runs its PyTorch loop (the same
-arithmetic, rounded differently); ``kernel_name()`` says which one ran, and every stored run
-records it.
+``FWR_NATIVE=0``, ``steps()`` returns None and the PyTorch forms run (the same arithmetic,
+rounded differently); ``kernel_name()`` says which, and every stored run of a rule with a native
+form records it.
 """
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "fwm_steps.c"
-HEADERS = [SOURCE.with_name("fwm_steps_impl.h")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "fwm_steps.c", CSRC / "delta_answer.c"]
+HEADERS = [CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h"]
+FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward"]
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -54,7 +60,7 @@ def _compile(compiler: str, target: Path) -> None:
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True,
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.chmod(partial, 0o755)             # mkstemp's 0600 would lock out a shared cache's users
         os.replace(partial, target)
@@ -68,12 +74,12 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("FWR_NATIVE", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None or not all(path.is_file() for path in (SOURCE, *HEADERS)):
+    if compiler is None or not all(path.is_file() for path in (*SOURCES, *HEADERS)):
         return None
-    code = b"".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     setup = " ".join([compiler, *FLAGS, platform.machine(), platform.system()])
     key = hashlib.sha256(code + setup.encode()).hexdigest()
-    target = cache_dir() / f"fwm_steps-{key[:16]}.so"
+    target = cache_dir() / f"native-{key[:16]}.so"
     try:
         if not target.is_file():
             _compile(compiler, target)
@@ -85,8 +91,8 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     for suffix in SUFFIX.values():
-        for name in (f"fwm_forward_{suffix}", f"fwm_backward_{suffix}"):
-            getattr(library, name).restype = None
+        for name in FUNCTIONS:
+            getattr(library, f"{name}_{suffix}").restype = None
     return library
 
 
@@ -114,10 +120,11 @@ def kernel_name() -> str:
 
 
 def _pointers(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list:
-    """Raw pointers for C; every tensor must be a contiguous CPU tensor of this dtype."""
+    """Raw pointers for C; every tensor must be a contiguous CPU tensor of this dtype. The
+    pointers do not keep the tensors alive: the caller holds them (named) until C returns."""
     for x in tensors:
         if x is not None and (x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous()):
-            raise ValueError(f"the native FWM steps take contiguous CPU {dtype} tensors, got "
+            raise ValueError(f"the native steps take contiguous CPU {dtype} tensors, got "
                              f"{x.dtype} on {x.device}{'' if x.is_contiguous() else ', strided'}")
     return [None if x is None else ctypes.c_void_p(x.data_ptr()) for x in tensors]
 
@@ -140,3 +147,29 @@ def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
         *_pointers(U.dtype, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar, R_bar, U_bar,
                    nb_all, scratch))
+
+
+def delta_answer_forward(library, q, k, beta):
+    """The delta rule's backward-carried query (csrc/delta_answer.c): q [B, Q, D], k [B, L, D],
+    beta [B, L] (contiguous, one dtype) -> weights w [B, L, Q] and, for the backward, z [B, L, Q]
+    and the carried queries hs [B, L, Q, D]."""
+    B, L, D = k.shape
+    Q = q.shape[1]
+    w, z = k.new_empty(B, L, Q), k.new_empty(B, L, Q)
+    hs, scratch = k.new_empty(B, L, Q, D), k.new_empty(Q, D)
+    getattr(library, f"delta_answer_forward_{SUFFIX[k.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(L), ctypes.c_long(Q), ctypes.c_long(D),
+        *_pointers(k.dtype, q, k, beta, w, z, hs, scratch))
+    return w, z, hs
+
+
+def delta_answer_backward(library, dw, k, beta, z, hs):
+    """Gradients (dq [B, Q, D], dk [B, L, D], dbeta [B, L]) of ``delta_answer_forward``'s w."""
+    B, L, D = k.shape
+    Q = dw.shape[2]
+    dq, dk, dbeta = k.new_empty(B, Q, D), k.new_empty(B, L, D), k.new_empty(B, L)
+    scratch = k.new_empty(Q, D)          # named: a temporary would be freed before the call
+    getattr(library, f"delta_answer_backward_{SUFFIX[k.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(L), ctypes.c_long(Q), ctypes.c_long(D),
+        *_pointers(k.dtype, dw, k, beta, z, hs, dq, dk, dbeta, scratch))
+    return dq, dk, dbeta
