@@ -298,11 +298,13 @@ def delta_rule_answer(q: Tensor, k: Tensor, v: Tensor | None, beta: Tensor,
 
         Z_t = k_t . h_t,   h_t = q - sum_{s > t} beta_s Z_s k_s     (h: [D_k, Q] per sequence)
 
-    Chunkwise, last chunk first, with A_c = tril(diag(b_c) K_c K_c^T, -1) as in the write:
-        Z_c = (I + A_c)^-T K_c h,   h <- h - K_c^T diag(b_c) Z_c
-    Cost O(L D_k (C + 2Q)) against the state's O(L D_k D_v): for training's single query per
-    sequence it never touches a D_k x D_v matrix. Plain autograd (the triangular solves have
-    their own backward).
+    Two forms, neither of which touches a D_k x D_v matrix (the state costs O(L D_k D_v)):
+    - up to NATIVE_MAX_QUERIES queries (training has one), the recurrence itself, position by
+      position in C (``DeltaAnswer``, hand-written backward): O(L D_k Q);
+    - otherwise chunkwise, last chunk first, with A_c = tril(diag(b_c) K_c K_c^T, -1) as in the
+      write: Z_c = (I + A_c)^-T K_c h, h <- h - K_c^T diag(b_c) Z_c; O(L D_k (C + 2Q)), plain
+      autograd (the triangular solves have their own backward). Also the form under torch.func
+      transforms and wherever the compiled steps cannot run.
     """
     B, L, D_k = k.shape
     if ids is not None and d_value is None:
