@@ -115,7 +115,8 @@ def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def kernel_name() -> str:
-    """'native' if the FWM steps run compiled on this machine, else 'torch'."""
+    """'native' if the compiled steps (FWM write, delta-rule answers) run on this machine, else
+    'torch'."""
     return "native" if _library() is not None else "torch"
 
 
