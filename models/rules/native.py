@@ -3,10 +3,11 @@
 Some recurrences are a long run of tiny steps, where PyTorch spends a dispatch (~2 us) per op on
 a few thousand flops:
 - the FWM write's clip factors make every position of a chunk depend on the one before;
-  ``csrc/fwm_steps.c`` runs those steps (forward and backward of one chunk, one sequence at a
-  time), and the chunk's matrix products stay in PyTorch;
+  ``csrc/fwm_steps_impl.h`` runs those steps (forward and backward of one chunk, one sequence
+  at a time), and the chunk's matrix products stay in PyTorch;
 - the delta rule's answer to one query carries the query backwards through the writes, O(D_k)
-  per position (``csrc/delta_answer.c``).
+  per position (``csrc/delta_answer_impl.h``).
+Both are compiled from ``csrc/steps.c``, which includes each once per precision.
 
 The sources are compiled on first use into one library, with the system's C compiler (``$CC``,
 else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
@@ -34,8 +35,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "fwm_steps.c", CSRC / "delta_answer.c"]
-HEADERS = [CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h"]
+SOURCES = [CSRC / "steps.c"]
+HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h"]
 FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward"]
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -131,7 +132,7 @@ def _pointers(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list:
 
 
 def forward_steps(library, G, hk, R0, V, b, n, first: bool, E, w, U, r, n_pre, c, g) -> None:
-    """Fill E, w, U, r, n_pre, c, g and update n in place (see csrc/fwm_steps.c)."""
+    """Fill E, w, U, r, n_pre, c, g and update n in place (see csrc/fwm_steps_impl.h)."""
     B, C, D = U.shape
     getattr(library, f"fwm_forward_{SUFFIX[U.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
@@ -141,7 +142,7 @@ def forward_steps(library, G, hk, R0, V, b, n, first: bool, E, w, U, r, n_pre, c
 
 def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
                    R_bar, U_bar, nb_all) -> None:
-    """Fill R_bar, U_bar, nb_all and update n_bar in place (see csrc/fwm_steps.c)."""
+    """Fill R_bar, U_bar, nb_all and update n_bar in place (see csrc/fwm_steps_impl.h)."""
     B, C, D = U.shape
     scratch = U.new_empty(D)
     getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
@@ -151,7 +152,7 @@ def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
 
 
 def delta_answer_forward(library, q, k, beta):
-    """The delta rule's backward-carried query (csrc/delta_answer.c): q [B, Q, D], k [B, L, D],
+    """The delta rule's backward-carried query (csrc/delta_answer_impl.h): q [B, Q, D], k [B, L, D],
     beta [B, L] (contiguous, one dtype) -> weights w [B, L, Q] and, for the backward, z [B, L, Q]
     and the carried queries hs [B, L, Q, D]."""
     B, L, D = k.shape

@@ -1,23 +1,10 @@
-/* One precision of the delta rule's backward-carried query: included by delta_answer.c with T
+/* One precision of the delta rule's backward-carried query: included by steps.c with T
  * (float or double) and NAME(x) (x suffixed with f32 or f64) defined.
  *
  * Per sequence, with the query block h (D x Q, column-major per query) starting at q:
  *     for t = L-1 .. 0:   z_t = k_t . h,   w_t = beta_t z_t,   h <- h - w_t k_t
  * w [L, Q] are the answers' weights (y = sum_t w_t v_t). The h before each step is kept for the
  * backward (hs [L, Q, D]). */
-
-static inline T NAME(dot)(const T *a, const T *b, long n) {
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;   /* fixed order: the same floats on every machine */
-    long d = 0;
-    for (; d + 4 <= n; d += 4) {
-        s0 += a[d] * b[d];
-        s1 += a[d + 1] * b[d + 1];
-        s2 += a[d + 2] * b[d + 2];
-        s3 += a[d + 3] * b[d + 3];
-    }
-    for (; d < n; ++d) s0 += a[d] * b[d];
-    return (s0 + s1) + (s2 + s3);
-}
 
 /* In: q [B,Q,D], k [B,L,D], beta [B,L]. Out: w [B,L,Q], z [B,L,Q], hs [B,L,Q,D]; h [Q,D] scratch. */
 void NAME(delta_answer_forward)(long B, long L, long Q, long D, const T *q, const T *k,

@@ -1,20 +1,5 @@
-/* One precision of the FWM steps: included by fwm_steps.c with T (float or double) and
+/* One precision of the FWM steps: included by steps.c with T (float or double) and
  * NAME(x) (x suffixed with f32 or f64) defined. */
-
-/* sum_d a[d] * b[d] in four interleaved partial sums combined as (s0 + s1) + (s2 + s3): a fixed
- * order, so the same floats everywhere, and four independent add chains instead of one. */
-static inline T NAME(dot)(const T *a, const T *b, long n) {
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    long d = 0;
-    for (; d + 4 <= n; d += 4) {
-        s0 += a[d] * b[d];
-        s1 += a[d + 1] * b[d + 1];
-        s2 += a[d + 2] * b[d + 2];
-        s3 += a[d + 3] * b[d + 3];
-    }
-    for (; d < n; ++d) s0 += a[d] * b[d];
-    return (s0 + s1) + (s2 + s3);
-}
 
 /* Forward. In: G [B,C,C], hk [B,C], R0 [B,C,D] or NULL, V [B,C,D], b [B,C], n [B] (in/out),
  * first (1: the chunk opens the sequence; its first write is not clipped).
