@@ -1,5 +1,5 @@
-"""The compiled FWM steps (models/rules/native.py): the same numbers as the PyTorch loop, built
-once into the cache, and optional."""
+"""The compiled steps (models/rules/native.py: the FWM write's, the delta rule's answers): the
+same numbers as the PyTorch forms, built once into the cache, and optional."""
 import os
 import platform
 import shutil
