@@ -325,9 +325,11 @@ def main() -> None:
     torch.set_num_threads(1)
     tune_allocator()                       # as in every training process (training/runtime.py)
     load = os.getloadavg()
+    from models.rules.native import kernel_name
+    native = kernel_name()               # compiled FWM / delta-rule steps, or their PyTorch forms
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} (default {default_threads} threads; measured with 1), load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{'  [QUICK]' if args.quick else ''}")
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, steps {native}{'  [QUICK]' if args.quick else ''}")
     print("# wall = minimum over repeats; cpu = process CPU time of the same block")
     budget = 1.0 if args.quick else 2.5
     csv_rows = []
@@ -392,10 +394,10 @@ def main() -> None:
     for row in csv_rows:
         fields += [key for key in row if key not in fields]
     with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["machine_load"] + fields)
+        writer = csv.DictWriter(handle, fieldnames=["machine_load", "native_steps"] + fields)
         writer.writeheader()
         for row in csv_rows:
-            writer.writerow({"machine_load": f"{load[0]:.2f}", **row})
+            writer.writerow({"machine_load": f"{load[0]:.2f}", "native_steps": native, **row})
     print(f"\nwrote {out}")
 
 
