@@ -315,7 +315,7 @@ def delta_rule_answer(q: Tensor, k: Tensor, v: Tensor | None, beta: Tensor,
     library = steps(q, k, beta) if num_queries <= NATIVE_MAX_QUERIES else None
     if library is not None and not torch._C._are_functorch_transforms_active():
         # One position at a time in C (csrc/delta_answer_impl.h): Z_t = k_t . h_t directly.
-        W = DeltaAnswer.apply(q, k, beta).transpose(1, 2)             # [B, Q, L]
+        W = DeltaAnswer.apply(q, k, beta, library).transpose(1, 2)    # [B, Q, L]
     else:
         W = _answer_weights_chunkwise(q, k, beta, chunk_size)
     if ids is not None:                                               # V^T W^T as a scatter
@@ -347,22 +347,20 @@ class DeltaAnswer(torch.autograd.Function):
     differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, beta):
-        library = steps(q, k, beta)
+    def forward(ctx, q, k, beta, library):
+        # library: the compiled steps, ``steps(q, k, beta)`` of models/rules/native.py
         w, z, hs = delta_answer_forward(library, q.contiguous(), k.contiguous(), beta.contiguous())
         ctx.save_for_backward(k, beta, z, hs)
+        ctx.library = library
         return w
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dw):
         k, beta, z, hs = ctx.saved_tensors
-        library = steps(dw, k, beta)
-        if library is None:
-            raise RuntimeError("the native delta-rule answer needs its library for the backward")
-        dq, dk, dbeta = delta_answer_backward(library, dw.contiguous(), k.contiguous(),
+        dq, dk, dbeta = delta_answer_backward(ctx.library, dw.contiguous(), k.contiguous(),
                                               beta.contiguous(), z, hs)
-        return dq, dk, dbeta
+        return dq, dk, dbeta, None
 
 
 class DeltaRule(UpdateRule):

@@ -101,14 +101,14 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
     return S if S is not None else k.new_zeros(B, D_k, D_v)
 
 
-def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool):
+def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool, native):
     """FWMWrite's forward: (S_L [B, D_k, D_v], per-chunk quantities for the backward if keep).
 
-    The steps of a chunk run in C (``models/rules/native.py``) for CPU tensors where a compiler
-    is available, else in the PyTorch loop below; both compute the same quantities."""
+    The steps of a chunk run in C with ``native``, the compiled library (``steps(k, v, beta)``
+    of ``models/rules/native.py``), or with None in the PyTorch loop below; both compute the
+    same quantities."""
     B, L, D_k = k.shape
     D_v = v.shape[2]
-    native = steps(k, v, beta)
     S = None
     n = k.new_zeros(B)
     chunks = []
@@ -187,8 +187,9 @@ class FWMWrite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, beta, chunk_size):
-        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True)
-        ctx.chunks_native = steps(k, v, beta) is not None   # the backward follows the forward
+        native = steps(k, v, beta)
+        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True, native=native)
+        ctx.native = native                      # the backward runs its steps as the forward did
         ctx.save_for_backward(k, v, beta)
         ctx.chunks, ctx.chunk_size = chunks, chunk_size
         return S
@@ -200,7 +201,7 @@ class FWMWrite(torch.autograd.Function):
         chunk_size, chunks = ctx.chunk_size, ctx.chunks
         B, D_v = k.shape[0], v.shape[2]
         n_bar = k.new_zeros(B)                   # adjoint of the norm carried out of a chunk
-        native = steps(k, v, beta) if ctx.chunks_native else None
+        native = ctx.native
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)), reversed(v.split(chunk_size, dim=1)),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
@@ -269,8 +270,9 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
         # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
-        if steps(k, v, beta) is not None:
-            return fwm_write_chunks(k, v, beta, int(chunk_size), keep=False)[0]
+        native = steps(k, v, beta)
+        if native is not None:
+            return fwm_write_chunks(k, v, beta, int(chunk_size), keep=False, native=native)[0]
         return fwm_chunkwise(k, v, beta, 64)
     return FWMWrite.apply(k, v, beta, int(chunk_size))
 
