@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
+from models.rules.native import dpfp_kernel_backward, dpfp_kernel_forward, steps
 
 
 class FeatureMap(nn.Module):
@@ -134,8 +135,16 @@ class DPFP(FeatureMap):
     def kernel(self, q: Tensor, k: Tensor) -> Tensor:
         """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], without the
         2 D_k nu features: with p = r(q) * r(k) (elementwise, 2 D_k wide),
-        phi(q) . phi(k) = sum_j sum_i p_i p_{i-j} = p . (sum_j roll(p, j)), the rolls summed as
-        nu windows of one circularly padded copy of p (one copy instead of nu)."""
+        phi(q) . phi(k) = sum_j sum_i p_i p_{i-j} = p . (sum_j roll(p, j)). Computed pair by
+        pair in C where the compiled steps run (``DPFPKernel``), else by ``kernel_reference``."""
+        library = None if torch._C._are_functorch_transforms_active() else steps(q, k)
+        if library is None:
+            return self.kernel_reference(q, k)
+        return DPFPKernel.apply(q.contiguous(), k.contiguous(), self.nu, library)
+
+    def kernel_reference(self, q: Tensor, k: Tensor) -> Tensor:
+        """``kernel`` in PyTorch: the rolls summed as nu windows of one circularly padded copy
+        of p (one copy instead of nu)."""
         r_q = F.relu(torch.cat([q, -q], dim=-1))                          # [B, Q, 2 D_k]
         r_k = F.relu(torch.cat([k, -k], dim=-1))                          # [B, L, 2 D_k]
         p = r_q[:, :, None, :] * r_k[:, None, :, :]                       # [B, Q, L, 2 D_k]
@@ -150,6 +159,25 @@ class DPFP(FeatureMap):
 
     def extra_repr(self) -> str:
         return f"d_key={self.d_key}, nu={self.nu}, d_dot={self.d_dot}"
+
+
+class DPFPKernel(torch.autograd.Function):
+    """``DPFP.kernel_reference(q, k)`` computed pair by pair in C (csrc/dpfp_kernel_impl.h),
+    forward and backward: one pass per (query, key) pair instead of PyTorch's passes over a
+    [B, Q, L, 2 D_k] block, which the backward would keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, nu, library):
+        ctx.save_for_backward(q, k)
+        ctx.nu, ctx.library = nu, library
+        return dpfp_kernel_forward(library, q, k, nu)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        dq, dk = dpfp_kernel_backward(ctx.library, grad.contiguous(), q, k, ctx.nu)
+        return dq, dk, None, None
 
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None) -> Tensor:

@@ -84,11 +84,15 @@ class FastWeightMemory(nn.Module):
             return self.rule.attend_one_hot(self.phi.kernel(q, k), v.ids)
         phi_k = self.normalised(k, self.rule.key_norm, 0.0)
         phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
+        if self.use_attention(v, q.shape[1], k.shape[1]):
+            # products summed over d_dot, not phi_q @ phi_k^T: that bmm's gradient for phi_k
+            # comes out transposed, and the passes behind it (phi's backward) crawl over it.
+            scores = (phi_q[:, :, None, :] * phi_k[:, None, :, :]).sum(-1)     # [B, Q, L]
+            return self.rule.attend_one_hot(scores, v.ids)
         if self.use_answer(v, q.shape[1], k.shape[1]):
             return self.rule.answer_one_hot(phi_q, phi_k, v.ids, beta)
         state = write_memory(self.rule, phi_k, v, beta)
         return self.rule.read(state, phi_q)
-
 
     def use_kernel(self, v, num_queries: int, length: int) -> bool:
         """Answer in the attention form from phi's own kernel (FeatureMap.kernel_width): for a
@@ -103,6 +107,18 @@ class FastWeightMemory(nn.Module):
                 and written_together(self.phi, "kernel", "forward")
                 and written_together(self.rule, "attend_one_hot", "read", "write_one_hot")
                 and num_queries * length * width
+                <= (length + v.size) * self.d_dot + num_queries * v.size)
+
+    def use_attention(self, v, num_queries: int, length: int) -> bool:
+        """Answer in the attention form from the (normalised) features, scores = phi(q) phi(k)^T:
+        for a rule with that form for one-hot values (sum), when the scores are fewer floats
+        than the memory and its answers, Q L <= (L + D_v) + Q D_v / d_dot (the kernel form's
+        rule with d_dot for the kernel width). True for training's one query per sequence,
+        where the memory's D_v x d_dot state, built, read and differentiated, costs more than
+        the L scores; evaluation's hundreds of queries read one memory instead."""
+        return (isinstance(v, OneHot) and hasattr(self.rule, "attend_one_hot")
+                and written_together(self.rule, "attend_one_hot", "read", "write_one_hot")
+                and num_queries * length * self.d_dot
                 <= (length + v.size) * self.d_dot + num_queries * v.size)
 
     def use_answer(self, v, num_queries: int, length: int) -> bool:

@@ -11,7 +11,8 @@ and the memory (any feature map with any update rule, or softmax attention) answ
 Loss: 0.5 * sum_j (y_j - v_j)^2, averaged over queries; a zero output scores exactly 0.5.
 
 Because x_t is a one-hot value next to an embedding, W_K x_t is a column of W_K plus a row of
-the projected embedding table: computed as two lookups, never as an (S + d_emb)-wide product.
+the projected embedding table: computed as two lookups, never as an (S + d_emb)-wide product
+(in one C pass where the compiled steps run, ``ProjectLookup``).
 For the same reason the values reach the memory as ids (``OneHot``), never as a [B, L, S]
 matrix: the sum rule, the delta rule, FWM and softmax attention then write or read by
 scatter/gather (models/memory.py). ``one_hot_values=False`` passes the dense matrix instead
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from models.memory import FastWeightMemory, OneHot, SoftmaxMemory, per_call_features
+from models.rules.native import gather_add_backward, gather_add_forward, steps
 from tasks.associative import RetrievalBatch
 
 
@@ -79,8 +81,13 @@ class RetrievalModel(nn.Module):
         value_columns = linear.weight[:, :S].T                              # [S, out]
         key_table = torch.addmm(linear.bias, self.embedding.weight,
                                 linear.weight[:, S:].T)                     # [S, out], with bias
-        flat = (value_columns.index_select(0, values.flatten())
-                + key_table.index_select(0, keys.flatten()))                # [B * L, out]
+        library = None if torch._C._are_functorch_transforms_active() else steps(key_table)
+        if library is not None and values.dtype == keys.dtype == torch.int64:
+            flat = ProjectLookup.apply(value_columns.contiguous(), key_table,
+                                       values.flatten(), keys.flatten(), library)
+        else:
+            flat = (value_columns.index_select(0, values.flatten())
+                    + key_table.index_select(0, keys.flatten()))            # [B * L, out]
         return flat.view(*keys.shape, -1)                                   # [B, L, out]
 
     def forward(self, batch: RetrievalBatch) -> Tensor:
@@ -104,6 +111,27 @@ class RetrievalModel(nn.Module):
     def loss(self, batch: RetrievalBatch) -> Tensor:
         """Mean query loss over the real (unmasked) queries."""
         return masked_mean(self.query_losses(batch), batch.query_mask)
+
+
+class ProjectLookup(torch.autograd.Function):
+    """value_columns[values] + key_table[keys] ([S, out] tables, [N] ids -> [N, out]) in one
+    pass, in C (models/rules/csrc/gather_add_impl.h); the backward adds the rows back in
+    index_add's order. The same floats as the two index_selects and their sum."""
+
+    @staticmethod
+    def forward(ctx, value_columns, key_table, values, keys, library):
+        values, keys = values.contiguous(), keys.contiguous()
+        ctx.save_for_backward(values, keys)
+        ctx.sizes, ctx.library = (value_columns.shape[0], key_table.shape[0]), library
+        return gather_add_forward(library, value_columns, values, key_table, keys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        values, keys = ctx.saved_tensors
+        d_columns, d_table = gather_add_backward(ctx.library, grad.contiguous(), ctx.sizes[0],
+                                                 values, ctx.sizes[1], keys)
+        return d_columns, d_table, None, None, None
 
 
 def retrieval_losses(y: Tensor, batch: RetrievalBatch) -> Tensor:

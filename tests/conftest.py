@@ -17,8 +17,10 @@ def generator():
 
 @pytest.fixture(params=["native", "torch"])
 def native_steps(request, monkeypatch):
-    """Run the FWM write's chunk steps and the delta rule's answer compiled (skipped without a C
-    compiler) or in PyTorch."""
+    """Run the FWM write's chunk steps, the delta rule's answer, DPFP's kernel and the
+    retrieval model's projection lookups compiled (skipped without a C compiler) or in PyTorch."""
+    import models.feature_maps as feature_maps
+    import models.retrieval as retrieval
     import models.rules.delta as delta
     import models.rules.fwm as fwm
     from models.rules import native
@@ -26,6 +28,6 @@ def native_steps(request, monkeypatch):
     if request.param == "native" and native._library() is None:
         pytest.skip("no C compiler: the native steps are not built")
     if request.param == "torch":
-        for module in (fwm, delta):
+        for module in (fwm, delta, feature_maps, retrieval):
             monkeypatch.setattr(module, "steps", lambda *tensors: None)
     return request.param

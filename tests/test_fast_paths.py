@@ -374,3 +374,63 @@ def test_fwm_write_with_constant_values(generator, native_steps):
     reference = torch.autograd.grad((fwm_recurrent(None, k, v, beta)[1] * weight).sum(), (k, beta))
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("feature_map,options,norm", [("linear", {}, "none"), ("relu", {}, "sum"),
+                                                      ("dpfp", {"nu": 2}, "sum")])
+def test_attention_form_answers_training_queries_as_the_memory_does(feature_map, options, norm,
+                                                                    generator):
+    """Sum rule, explicit features (normalised or not): training's one query per sequence is
+    answered from the scores phi(q) . phi(k_t), evaluation's many from the memory; both equal
+    the memory's answer, value and gradients, in float64."""
+    from models.memory import OneHot
+    torch.manual_seed(0)
+    model = build_model(20, feature_map, "sum", feature_options=options).double()
+    model.memory.rule.key_norm = model.memory.rule.query_norm = norm
+    train = sample_batch("capacity", 20, 4, generator)
+    evaluation = evaluation_set("capacity", 20, "paper", generator, num_sequences=2)
+    memory = model.memory
+    assert memory.use_attention(OneHot(train.values, 20), 1, train.length)
+    assert not memory.use_attention(OneHot(evaluation.values, 20), evaluation.queries.shape[1],
+                                    evaluation.length)
+    assert memory.use_kernel(OneHot(train.values, 20), 1, 20) == (norm == "none" and feature_map == "dpfp")
+
+    def loss_and_grads(attention: bool):
+        memory.use_attention = (lambda *args: attention)
+        memory.use_kernel = (lambda *args: False)
+        loss = model.loss(train)
+        return (loss, *torch.autograd.grad(loss, list(model.parameters())))
+
+    for a, b in zip(loss_and_grads(True), loss_and_grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_projection_lookups_equal_index_select_exactly(generator, monkeypatch):
+    """The C lookups (one pass) and the two index_selects give the same floats, forward and
+    backward; an id outside the table is an IndexError either way."""
+    import models.retrieval as retrieval
+    from models.rules import native
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    torch.manual_seed(0)
+    model = build_model(20, "linear", "sum")
+    batch = sample_batch("overwrite", 20, 4, generator)
+    weight = torch.randn(4, 40, 64, generator=generator)
+
+    def lookups():
+        k = model._project(model.W_K, batch.keys, batch.values)
+        return (k, *torch.autograd.grad((k * weight).sum(), list(model.parameters()),
+                                        allow_unused=True))
+
+    compiled = lookups()
+    S = model.num_pairs
+    dense = (model.W_K.weight[:, :S].T[batch.values]
+             + (model.embedding.weight @ model.W_K.weight[:, S:].T + model.W_K.bias)[batch.keys])
+    assert torch.equal(compiled[0], dense)
+    with pytest.raises(IndexError):
+        model._project(model.W_K, batch.keys, batch.values + 20)
+    monkeypatch.setattr(retrieval, "steps", lambda *tensors: None)
+    for a, b in zip(compiled, lookups()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(IndexError):
+        model._project(model.W_K, batch.keys, batch.values + 20)

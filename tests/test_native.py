@@ -1,5 +1,5 @@
-"""The compiled steps (models/rules/native.py: the FWM write's, the delta rule's answers): the
-same numbers as the PyTorch forms, built once into the cache, and optional."""
+"""The compiled steps (models/rules/native.py: the FWM write's, the delta rule's answers, DPFP's
+kernel): the same numbers as the PyTorch forms, built once into the cache, and optional."""
 import os
 import platform
 import shutil
@@ -169,3 +169,75 @@ def test_native_delta_answer_equals_the_chunkwise_solves(dtype, tol, monkeypatch
     monkeypatch.setattr(delta, "steps", lambda *tensors: None)
     for a, b in zip(compiled, run()):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def dpfp_kernel_and_grads(phi, q0, k0, weight, reference: bool = False):
+    """DPFP's kernel of views of q0, k0 (keys non-contiguous) and its gradients."""
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    kernel = (phi.kernel_reference if reference else phi.kernel)(q, k.transpose(1, 2))
+    (kernel * weight).sum().backward()
+    return kernel.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("nu", [1, 3, 12])                     # 12 > 2 D_k: shifts wrap around
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_native_dpfp_kernel_equals_the_torch_form(nu, dtype, tol, generator):
+    """Value and gradients of q and k against the PyTorch form and float64, several queries,
+    keys given as a non-contiguous view, exact zeros (relu's kink) among the inputs."""
+    from models.feature_maps import DPFP
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    B, Q, L, D = 3, 2, 37, 5
+    q0 = torch.randn(B, Q, D, generator=generator, dtype=dtype)
+    k0 = torch.randn(B, D, L, generator=generator, dtype=dtype)
+    q0[0, 1, 2], k0[1, 3, 4] = 0.0, 0.0
+    weight = torch.randn(B, Q, L, generator=generator, dtype=dtype)
+    phi = DPFP(D, nu)
+    compiled = dpfp_kernel_and_grads(phi, q0, k0, weight)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, dpfp_kernel_and_grads(phi, q0, k0, weight)))
+    for a, b in zip(compiled, dpfp_kernel_and_grads(phi, q0, k0, weight, reference=True)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    exact = dpfp_kernel_and_grads(phi, q0.double(), k0.double(), weight.double(), reference=True)
+    for a, b in zip(compiled, exact):
+        torch.testing.assert_close(a.double(), b, rtol=10 * tol, atol=10 * tol)
+    features = (phi(q0)[:, :, None, :] * phi(k0.transpose(1, 2))[:, None, :, :]).sum(-1)
+    torch.testing.assert_close(compiled[0], features, rtol=tol, atol=tol)   # the definition
+
+
+def test_native_dpfp_kernel_gradcheck(generator):
+    from models.feature_maps import DPFP
+    if native.steps(torch.zeros(1, dtype=torch.float64)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    q = torch.randn(2, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(DPFP(4, 2).kernel, (q, k))
+
+
+def test_native_dpfp_kernel_split_over_threads_changes_no_float(monkeypatch, generator):
+    """Batch ranges in threads: each range's results depend on that range alone."""
+    from models.feature_maps import DPFP
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    q0 = torch.randn(7, 1, 16, generator=generator)
+    k0 = torch.randn(7, 16, 50, generator=generator)
+    weight = torch.randn(7, 1, 50, generator=generator)
+    phi = DPFP(16, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dpfp_kernel_and_grads(phi, q0, k0, weight)
+        torch.set_num_threads(3)
+        monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0)
+        split = dpfp_kernel_and_grads(phi, q0, k0, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+
+
+def test_native_dpfp_kernel_spreads_a_nan(native_steps, generator):
+    from models.feature_maps import DPFP
+    q = torch.randn(1, 1, 4, generator=generator)
+    k = torch.randn(1, 5, 4, generator=generator)
+    k[0, 2, 1] = float("nan")
+    kernel = DPFP(4, 2).kernel(q, k)
+    assert torch.isnan(kernel[0, 0, 2]) and torch.isfinite(kernel[0, 0, [0, 1, 3, 4]]).all()

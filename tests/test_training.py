@@ -100,10 +100,9 @@ def test_every_run_records_the_code_that_produced_it():
         assert suite == "unknown"
 
 
-@pytest.mark.parametrize("rule", ["fwm", "delta"])
-def test_runs_of_rules_with_compiled_steps_record_which_ran(rule):
+@pytest.mark.parametrize("feature_map,rule", [("tanh", "fwm"), ("linear", "delta"), ("dpfp", "sum")])
+def test_runs_of_models_with_compiled_steps_record_which_ran(feature_map, rule):
     from models.rules.native import kernel_name
-    feature_map = "tanh" if rule == "fwm" else "linear"        # the delta rule sum-normalises
     result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map=feature_map, rule=rule),
                    progress=False)
     assert result["versions"]["native_steps"] == kernel_name() in ("native", "torch")

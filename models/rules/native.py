@@ -6,15 +6,21 @@ a few thousand flops:
   ``csrc/fwm_steps_impl.h`` runs those steps (forward and backward of one chunk, one sequence
   at a time), and the chunk's matrix products stay in PyTorch;
 - the delta rule's answer to one query carries the query backwards through the writes, O(D_k)
-  per position (``csrc/delta_answer_impl.h``).
-Both are compiled from ``csrc/steps.c``, which includes each once per precision.
+  per position (``csrc/delta_answer_impl.h``);
+- the retrieval model's input projection is two row lookups and a sum, which PyTorch makes as
+  three passes over [B * L, D_key] (and two index_adds back); ``csrc/gather_add_impl.h`` makes
+  one;
+- DPFP-nu's kernel phi(q) . phi(k) is a few passes of width 2 D_k per (query, key) pair, which
+  PyTorch makes as separate passes over a [B, Q, L, 2 D_k] block; ``csrc/dpfp_kernel_impl.h``
+  makes one pass per pair, forward and backward, and keeps no block.
+All are compiled from ``csrc/steps.c``, which includes each once per precision.
 
 The sources are compiled on first use into one library, with the system's C compiler (``$CC``,
 else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastweight-retrieval``, else ``~/.cache/fastweight-retrieval``), under a name
 that hashes the sources, the flags and the machine, so processes sharing the cache never load a
 stale build. No -march=native and no
--ffast-math: every machine computes the same floats. Without a compiler, or with
+-ffast-math (no reassociation, no fused multiply-add): every machine computes the same floats. Without a compiler, or with
 ``FWR_NATIVE=0``, ``steps()`` returns None and the PyTorch forms run (the same arithmetic,
 rounded differently); ``kernel_name()`` says which, and every stored run of a rule with a native
 form records it.
@@ -30,15 +36,22 @@ import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "steps.c"]
-HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h"]
-FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward"]
-FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h",
+           CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h"]
+FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward",
+             "dpfp_kernel_forward", "dpfp_kernel_backward"]
+CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward"]   # return 1 on a bad id
+# -fno-trapping-math lets branches on a float compare become selects (no value changes: no
+# reassociation, no contraction); random signs made the branches mispredict half the time.
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
+         "-fno-trapping-math"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -94,6 +107,8 @@ def _library() -> ctypes.CDLL | None:
     for suffix in SUFFIX.values():
         for name in FUNCTIONS:
             getattr(library, f"{name}_{suffix}").restype = None
+        for name in CHECKED_FUNCTIONS:
+            getattr(library, f"{name}_{suffix}").restype = ctypes.c_int
     return library
 
 
@@ -116,7 +131,8 @@ def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def kernel_name() -> str:
-    """'native' if the compiled steps (FWM write, delta-rule answers) run on this machine, else
+    """'native' if the compiled steps (FWM write, delta-rule answers, DPFP kernel) run on this
+    machine, else
     'torch'."""
     return "native" if _library() is not None else "torch"
 
@@ -175,3 +191,91 @@ def delta_answer_backward(library, dw, k, beta, z, hs):
         ctypes.c_long(B), ctypes.c_long(L), ctypes.c_long(Q), ctypes.c_long(D),
         *_pointers(k.dtype, dw, k, beta, z, hs, dq, dk, dbeta, scratch))
     return dq, dk, dbeta
+
+
+# Below this many (pair x feature) products, one thread does the whole batch.
+PARALLEL_MIN_WORK = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fwr-native")
+
+
+def _over_batch(B: int, work: int, run) -> None:
+    """run(b0, b1) over the batch, split into torch.get_num_threads() ranges run in threads
+    (ctypes releases the GIL) when there is enough work. Each range's results depend on that
+    range alone, so the split does not change a single float."""
+    threads = min(B, torch.get_num_threads())
+    if threads <= 1 or work < PARALLEL_MIN_WORK:
+        run(0, B)
+        return
+    bounds = [B * i // threads for i in range(threads + 1)]
+    futures = [_pool(threads).submit(run, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    for future in futures:
+        future.result()
+
+
+def dpfp_kernel_forward(library, q, k, nu: int):
+    """DPFP-nu's phi(q) . phi(k) (csrc/dpfp_kernel_impl.h): q [B, Q, D], k [B, L, D] -> [B, Q, L]."""
+    B, Q, D = q.shape
+    L, W = k.shape[1], 2 * D
+    K = q.new_empty(B, Q, L)
+    function = getattr(library, f"dpfp_kernel_forward_{SUFFIX[q.dtype]}")
+
+    def run(b0: int, b1: int) -> None:
+        scratch = q.new_empty((Q + 3) * W + 2 * nu)     # named: held until C returns
+        function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
+                 ctypes.c_long(D), ctypes.c_long(nu), *_pointers(q.dtype, q, k, K, scratch))
+
+    _over_batch(B, B * Q * L * W * (nu + 2), run)
+    return K
+
+
+def dpfp_kernel_backward(library, g, q, k, nu: int):
+    """Gradients (dq [B, Q, D], dk [B, L, D]) of ``dpfp_kernel_forward`` for dLoss/dK = g [B, Q, L]."""
+    B, Q, D = q.shape
+    L, W = k.shape[1], 2 * D
+    dq, dk = q.new_empty(B, Q, D), k.new_empty(B, L, D)
+    function = getattr(library, f"dpfp_kernel_backward_{SUFFIX[q.dtype]}")
+
+    def run(b0: int, b1: int) -> None:
+        scratch = q.new_empty((2 * Q + 5) * W + 2 * nu)   # named: held until C returns
+        function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
+                 ctypes.c_long(D), ctypes.c_long(nu),
+                 *_pointers(q.dtype, g, q, k, dq, dk, scratch))
+
+    _over_batch(B, B * Q * L * W * (2 * nu + 6), run)
+    return dq, dk
+
+
+def _ids(ids: torch.Tensor) -> ctypes.c_void_p:
+    if ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
+        raise ValueError(f"the native steps take contiguous CPU int64 ids, got {ids.dtype} on {ids.device}")
+    return ctypes.c_void_p(ids.data_ptr())
+
+
+def gather_add_forward(library, A, a, B, b):
+    """A[a] + B[b]: tables A [NA, D], B [NB, D] (one dtype, contiguous), ids a, b [R] int64
+    -> [R, D] (csrc/gather_add_impl.h). IndexError for an id outside its table."""
+    R, D = a.shape[0], A.shape[1]
+    out = A.new_empty(R, D)
+    failed = getattr(library, f"gather_add_forward_{SUFFIX[A.dtype]}")(
+        ctypes.c_long(R), ctypes.c_long(D), *_pointers(A.dtype, A), ctypes.c_long(A.shape[0]),
+        _ids(a), *_pointers(A.dtype, B), ctypes.c_long(B.shape[0]), _ids(b),
+        *_pointers(A.dtype, out))
+    if failed:
+        raise IndexError("index out of range in the projection's lookups")
+    return out
+
+
+def gather_add_backward(library, g, NA: int, a, NB: int, b):
+    """Gradients (dA [NA, D], dB [NB, D]) of ``gather_add_forward`` for dLoss/dout = g [R, D]."""
+    R, D = g.shape
+    dA, dB = g.new_empty(NA, D), g.new_empty(NB, D)
+    failed = getattr(library, f"gather_add_backward_{SUFFIX[g.dtype]}")(
+        ctypes.c_long(R), ctypes.c_long(D), *_pointers(g.dtype, g), ctypes.c_long(NA), _ids(a),
+        ctypes.c_long(NB), _ids(b), *_pointers(g.dtype, dA, dB))
+    if failed:
+        raise IndexError("index out of range in the projection's lookups")
+    return dA, dB

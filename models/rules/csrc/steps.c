@@ -6,10 +6,15 @@
  *   delta_answer_impl.h  the delta rule's answer to a few queries without its state: the query
  *                        carried backwards through the writes (models/rules/delta.py,
  *                        DeltaAnswer), O(L D Q) per sequence
+ *   dpfp_kernel_impl.h   DPFP-nu's kernel phi(q) . phi(k) and its backward without the
+ *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair
+ *   gather_add_impl.h    the retrieval model's input projection as two row lookups and a sum
+ *                        (models/retrieval.py, ProjectLookup), forward and backward
  * Row-major, contiguous buffers. Compiled without -ffast-math and with -ffp-contract=off, every
  * sum in a fixed order (dot_impl.h), so every machine rounds the same way.
  */
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #define T float
@@ -17,6 +22,8 @@
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
 #include "delta_answer_impl.h"
+#include "dpfp_kernel_impl.h"
+#include "gather_add_impl.h"
 #undef T
 #undef NAME
 
@@ -25,5 +32,7 @@
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
 #include "delta_answer_impl.h"
+#include "dpfp_kernel_impl.h"
+#include "gather_add_impl.h"
 #undef T
 #undef NAME

@@ -1,0 +1,105 @@
+/* One precision of DPFP-nu's kernel phi(q) . phi(k) without the features (models/feature_maps.py,
+ * DPFP.kernel): included by steps.c with T and NAME(x) defined.
+ *
+ * With r(x) = relu([x; -x]) (W = 2 D wide) and p = r(q) * r(k) elementwise,
+ *     phi(q) . phi(k) = sum_i p_i w_i,   w_i = sum_{j=1..nu} p_{(i-j) mod W}.
+ * Backward: dK/dp_m = w_m + u_m with u_m = sum_{j=1..nu} p_{(m+j) mod W}; then through r's
+ * relu (zero slope at 0, as PyTorch's relu) to q and k. p, w and u are recomputed in the
+ * backward: nothing of width W per pair is stored. Every sum is in a fixed order. */
+
+/* sum_i a[i] * b[i] in eight interleaved lanes, combined as a tree: a fixed order, and lanes a
+ * vectorising compiler fills. */
+static inline T NAME(dot8)(const T *a, const T *b, long n) {
+    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+    for (int l = 0; i < n; ++i, ++l) acc[l] += a[i] * b[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* r = relu([x; -x]); (x <= 0 ? 0 : x) keeps a NaN, as relu does. */
+static inline void NAME(dpfp_relu)(const T *x, long D, T *r) {
+    for (long i = 0; i < D; ++i) {
+        const T a = x[i], b = -x[i];
+        r[i] = a <= 0 ? (T)0 : a;
+        r[D + i] = b <= 0 ? (T)0 : b;
+    }
+}
+
+/* p = rq * rk into buf[nu .. nu + W), with buf[m] = p_{(m - nu) mod W} on both sides (width
+ * W + 2 nu); w_i = buf[nu+i-1] + buf[nu+i-2] + ... (j ascending, as the PyTorch form adds the
+ * rolls). Returns sum_i p_i w_i. */
+static inline T NAME(dpfp_pair)(const T *rq, const T *rk, long W, long nu, T *buf, T *w) {
+    T *p = buf + nu;
+    for (long i = 0; i < W; ++i) p[i] = rq[i] * rk[i];
+    for (long m = 0; m < nu; ++m) {
+        p[-1 - m] = p[((-1 - m) % W + W) % W];
+        p[W + m] = p[m % W];
+    }
+    for (long i = 0; i < W; ++i) w[i] = p[i - 1];
+    for (long j = 2; j <= nu; ++j)
+        for (long i = 0; i < W; ++i) w[i] += p[i - j];
+    return NAME(dot8)(p, w, W);
+}
+
+/* In: q [B,Q,D], k [B,L,D]. Out: K [B,Q,L] for batch entries b0 <= b < b1.
+ * Scratch: (Q + 1) W + (W + 2 nu) + W. */
+void NAME(dpfp_kernel_forward)(long b0, long b1, long Q, long L, long D, long nu, const T *q,
+                               const T *k, T *K, T *scratch) {
+    const long W = 2 * D;
+    T *rq = scratch, *rk = rq + Q * W, *buf = rk + W, *w = buf + W + 2 * nu;
+    for (long b = b0; b < b1; ++b) {
+        for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
+        for (long t = 0; t < L; ++t) {
+            NAME(dpfp_relu)(k + (b * L + t) * D, D, rk);
+            for (long j = 0; j < Q; ++j)
+                K[(b * Q + j) * L + t] = NAME(dpfp_pair)(rq + j * W, rk, W, nu, buf, w);
+        }
+    }
+}
+
+/* d r -> d x through r = relu([x; -x]): dx_i = dr_i [x_i > 0] - dr_{D+i} [x_i < 0]. */
+static inline void NAME(dpfp_relu_backward)(const T *x, const T *dr, long D, T *dx) {
+    for (long i = 0; i < D; ++i) {
+        /* both loads unconditional: selects, not branches (random signs mispredict) */
+        const T xi = x[i], pos = dr[i], neg = dr[D + i];
+        dx[i] = (xi > 0 ? pos : (T)0) - (-xi > 0 ? neg : (T)0);
+    }
+}
+
+/* In: g [B,Q,L] (dLoss/dK), q, k as in the forward. Out: dq [B,Q,D], dk [B,L,D] for
+ * b0 <= b < b1. dk sums over queries j ascending, dq over positions t ascending.
+ * Scratch: 2 Q W + 2 W + (W + 2 nu) + 2 W. */
+void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long nu, const T *g,
+                                const T *q, const T *k, T *dq, T *dk, T *scratch) {
+    const long W = 2 * D;
+    T *rq = scratch, *drq = rq + Q * W, *rk = drq + Q * W, *drk = rk + W;
+    T *buf = drk + W, *w = buf + W + 2 * nu, *dp = w + W;
+    for (long b = b0; b < b1; ++b) {
+        for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
+        for (long i = 0; i < Q * W; ++i) drq[i] = 0;
+        for (long t = 0; t < L; ++t) {
+            NAME(dpfp_relu)(k + (b * L + t) * D, D, rk);
+            for (long i = 0; i < W; ++i) drk[i] = 0;
+            for (long j = 0; j < Q; ++j) {
+                const T gj = g[(b * Q + j) * L + t], *rqj = rq + j * W;
+                T *drqj = drq + j * W;
+                NAME(dpfp_pair)(rqj, rk, W, nu, buf, w);
+                const T *p = buf + nu;
+                /* dp_m = g (w_m + u_m), u_m = p_{m+1} + ... + p_{m+nu} */
+                for (long i = 0; i < W; ++i) dp[i] = w[i] + p[i + 1];
+                for (long s = 2; s <= nu; ++s)
+                    for (long i = 0; i < W; ++i) dp[i] += p[i + s];
+                for (long i = 0; i < W; ++i) {
+                    const T d = gj * dp[i];
+                    drk[i] += d * rqj[i];
+                    drqj[i] += d * rk[i];
+                }
+            }
+            NAME(dpfp_relu_backward)(k + (b * L + t) * D, drk, D, dk + (b * L + t) * D);
+        }
+        for (long j = 0; j < Q; ++j)
+            NAME(dpfp_relu_backward)(q + (b * Q + j) * D, drq + j * W, D, dq + (b * Q + j) * D);
+    }
+}
