@@ -237,17 +237,23 @@ def favor_kernel_terms(q: Tensor, k: Tensor, omega: Tensor):
 class FAVORKernel(torch.autograd.Function):
     """``favor_kernel_terms(q, k, omega)[0]`` with a hand-written backward (omega constant).
 
-    With K = sum_i e+_i + e-_i, dK/ds_i = e+_i - e-_i (a floored term contributes 0, as
-    ``floored_exp`` defines) and dK/dc = -K, so from the saved terms
+    With K = sum_i e+_i + e-_i, dK/ds_i = e+_i - e-_i and dK/dc = -K, so from the saved terms
         d(q + k) = (g (e+ - e-)) Omega,   dq += -g K q,   dk += -g K k
-    (g the incoming gradient). dK/dc counts the floored terms' exp(floor) ~ 1e-38 each: a
-    difference below float32's normal range. Autograd would keep s - c, -s - c and both
-    clamps' inputs and make about twice the passes over the [B, Q, L, m] block.
+    (g the incoming gradient). ``floored_exp`` gives a floored term zero slope; here it keeps
+    its value exp(floor) (float32: 1.2e-38, float64: 3e-308), a difference below the dtype's
+    normal range, as in dK/dc. The forward works in place on the projections' block: five
+    passes over [B, Q, L, m] fewer than autograd, and half its memory.
     """
 
     @staticmethod
     def forward(ctx, q, k, omega):
-        kernel, plus, minus = favor_kernel_terms(q, k, omega)
+        s = (q[:, :, None, :] + k[:, None, :, :]) @ omega.T              # [B, Q, L, m]
+        c = (0.5 * (q.pow(2).sum(-1)[:, :, None] + k.pow(2).sum(-1)[:, None, :])
+             + math.log(2 * omega.shape[0]))[..., None]                  # [B, Q, L, 1]
+        floor = exp_floor(s.dtype)
+        plus = torch.sub(s, c).clamp_(min=floor).exp_()                 # exp(s - c), floored
+        minus = torch.sub(-c, s, out=s).clamp_(min=floor).exp_()         # exp(-s - c), in s
+        kernel = plus.sum(-1) + minus.sum(-1)
         ctx.save_for_backward(q, k, omega, kernel, plus, minus)
         return kernel
 
@@ -255,9 +261,7 @@ class FAVORKernel(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, omega, kernel, plus, minus = ctx.saved_tensors
-        floor = torch.exp(torch.tensor(exp_floor(plus.dtype), dtype=plus.dtype))
-        slope = (torch.where(plus > floor, plus, 0.0)
-                 - torch.where(minus > floor, minus, 0.0)).mul_(grad[..., None])   # [B, Q, L, m]
+        slope = torch.sub(plus, minus).mul_(grad[..., None])             # [B, Q, L, m]
         d_sum = slope @ omega                                           # [B, Q, L, D_k]: d(q + k)
         d_c = -(grad * kernel)                                          # [B, Q, L]
         d_q = d_sum.sum(2) + d_c.sum(2)[..., None] * q

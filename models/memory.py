@@ -53,6 +53,22 @@ def write_memory(rule: nn.Module, k: Tensor, v: Tensor | OneHot, beta: Tensor | 
 from models.normalisation import QUERY_EPS, normalise
 
 
+# Up to this many queries per sequence, pair_scores sums products instead of calling bmm.
+PRODUCT_QUERIES = 2
+
+
+def pair_scores(q: Tensor, k: Tensor) -> Tensor:
+    """q_i . k_t for every pair: q [B, Q, D], k [B, L, D] -> [B, Q, L].
+
+    For a query or two (training) as products summed over D, not q @ k^T: that bmm's
+    gradient for k comes out transposed ([B, L, D] with stride 1 along L), and every pass
+    behind it (a feature map's backward, the projection's) crawls over it, several times
+    slower than the products' extra [B, Q, L, D] block."""
+    if q.shape[1] <= PRODUCT_QUERIES:
+        return (q[:, :, None, :] * k[:, None, :, :]).sum(-1)
+    return q @ k.transpose(1, 2)
+
+
 def written_together(obj, fast: str, *reference: str) -> bool:
     """True if the class that defines obj's method ``fast`` also defines (or inherits) each
     ``reference`` method: a subclass that overrides forward (or read) but not the fast form
@@ -85,10 +101,7 @@ class FastWeightMemory(nn.Module):
         phi_k = self.normalised(k, self.rule.key_norm, 0.0)
         phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
         if self.use_attention(v, q.shape[1], k.shape[1]):
-            # products summed over d_dot, not phi_q @ phi_k^T: that bmm's gradient for phi_k
-            # comes out transposed, and the passes behind it (phi's backward) crawl over it.
-            scores = (phi_q[:, :, None, :] * phi_k[:, None, :, :]).sum(-1)     # [B, Q, L]
-            return self.rule.attend_one_hot(scores, v.ids)
+            return self.rule.attend_one_hot(pair_scores(phi_q, phi_k), v.ids)
         if self.use_answer(v, q.shape[1], k.shape[1]):
             return self.rule.answer_one_hot(phi_q, phi_k, v.ids, beta)
         state = write_memory(self.rule, phi_k, v, beta)
@@ -167,7 +180,7 @@ class SoftmaxMemory(nn.Module):
         return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
 
     def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
-        scores = q @ k.transpose(1, 2) / math.sqrt(self.d_key)           # [B, Q, L]
+        scores = pair_scores(q, k) / math.sqrt(self.d_key)               # [B, Q, L]
         weights = torch.softmax(scores, dim=-1)                          # [B, Q, L]
         if isinstance(v, OneHot):
             # A V with one-hot V: each weight a_{qt} lands in value column ids_t.

@@ -434,3 +434,22 @@ def test_projection_lookups_equal_index_select_exactly(generator, monkeypatch):
         assert (a is None and b is None) or torch.equal(a, b)
     with pytest.raises(IndexError):
         model._project(model.W_K, batch.keys, batch.values + 20)
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "linear"])
+def test_pair_scores_as_products_equal_the_product_of_matrices(feature_map, generator, monkeypatch):
+    """Training's one query scores its keys as summed products; value and gradients equal the
+    q @ k^T form's (float64)."""
+    import models.memory as memory
+    torch.manual_seed(0)
+    model = build_model(16, feature_map, "sum").double()
+    batch = sample_batch("capacity", 16, 4, generator)
+
+    def loss_and_grads():
+        loss = model.loss(batch)
+        return (loss, *torch.autograd.grad(loss, list(model.parameters())))
+
+    products = loss_and_grads()
+    monkeypatch.setattr(memory, "PRODUCT_QUERIES", 0)
+    for a, b in zip(products, loss_and_grads()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
