@@ -53,20 +53,33 @@ def write_memory(rule: nn.Module, k: Tensor, v: Tensor | OneHot, beta: Tensor | 
 from models.normalisation import QUERY_EPS, normalise
 
 
-# Up to this many queries per sequence, pair_scores sums products instead of calling bmm.
-PRODUCT_QUERIES = 2
+class PairScores(torch.autograd.Function):
+    """q @ k^T, with k's gradient computed as g^T q: a fresh [B, L, D] tensor in k's layout.
+
+    Autograd's gradient for q @ k^T is (q^T g)^T, a transposed view (stride 1 along L), and
+    every pass behind it (a feature map's backward, the projection's) crawls over it: several
+    times slower than the same products written in k's layout. The backward is itself
+    differentiable (plain products)."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        return q @ k.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        d_q = grad @ k if ctx.needs_input_grad[0] else None                    # [B, Q, D]
+        d_k = grad.transpose(1, 2) @ q if ctx.needs_input_grad[1] else None    # [B, L, D]
+        return d_q, d_k
 
 
 def pair_scores(q: Tensor, k: Tensor) -> Tensor:
-    """q_i . k_t for every pair: q [B, Q, D], k [B, L, D] -> [B, Q, L].
-
-    For a query or two (training) as products summed over D, not q @ k^T: that bmm's
-    gradient for k comes out transposed ([B, L, D] with stride 1 along L), and every pass
-    behind it (a feature map's backward, the projection's) crawls over it, several times
-    slower than the products' extra [B, Q, L, D] block."""
-    if q.shape[1] <= PRODUCT_QUERIES:
-        return (q[:, :, None, :] * k[:, None, :, :]).sum(-1)
-    return q @ k.transpose(1, 2)
+    """q_i . k_t for every pair: q [B, Q, D], k [B, L, D] -> [B, Q, L] (``PairScores``; plain
+    q @ k^T under functorch transforms, as the vectorised seeds' vmap)."""
+    if torch._C._are_functorch_transforms_active():
+        return q @ k.transpose(1, 2)
+    return PairScores.apply(q, k)
 
 
 def written_together(obj, fast: str, *reference: str) -> bool:

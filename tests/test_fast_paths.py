@@ -436,20 +436,15 @@ def test_projection_lookups_equal_index_select_exactly(generator, monkeypatch):
         model._project(model.W_K, batch.keys, batch.values + 20)
 
 
-@pytest.mark.parametrize("feature_map", ["softmax", "linear"])
-def test_pair_scores_as_products_equal_the_product_of_matrices(feature_map, generator, monkeypatch):
-    """Training's one query scores its keys as summed products; value and gradients equal the
-    q @ k^T form's (float64)."""
-    import models.memory as memory
-    torch.manual_seed(0)
-    model = build_model(16, feature_map, "sum").double()
-    batch = sample_batch("capacity", 16, 4, generator)
-
-    def loss_and_grads():
-        loss = model.loss(batch)
-        return (loss, *torch.autograd.grad(loss, list(model.parameters())))
-
-    products = loss_and_grads()
-    monkeypatch.setattr(memory, "PRODUCT_QUERIES", 0)
-    for a, b in zip(products, loss_and_grads()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_pair_scores_equal_the_product_of_matrices(num_queries, generator):
+    """Value, gradients (in k's own layout) and second-order gradients of q @ k^T (float64)."""
+    from models.memory import pair_scores
+    q = torch.randn(2, num_queries, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 7, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    scores = pair_scores(q, k)
+    torch.testing.assert_close(scores, q @ k.transpose(1, 2), rtol=0, atol=0)
+    d_q, d_k = torch.autograd.grad(scores.pow(2).sum(), (q, k))
+    assert d_k.is_contiguous()
+    assert torch.autograd.gradcheck(pair_scores, (q, k))
+    assert torch.autograd.gradgradcheck(pair_scores, (q, k))

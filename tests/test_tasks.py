@@ -77,3 +77,17 @@ def test_paper_loss_is_mean_of_sub_batch_means():
     clean = aggregate_eval_loss(losses, mask, "clean", sub_batch_size=2)
     assert paper.item() == pytest.approx((2.0 + 6.0 + 9.0) / 3)
     assert clean.item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("n", [150, 201, 600])
+def test_argsort_rows_is_torchs_argsort_exactly_ties_included(n):
+    """The fast sort must not change a single stored data stream: rows of distinct draws, rows
+    with a tie, rows of many ties."""
+    from tasks.associative import argsort_rows
+    g = torch.Generator().manual_seed(n)
+    draws = torch.rand(24, n, generator=g)
+    draws[3, 7] = draws[3, n - 1]                                # one tie
+    draws[5] = (draws[5] * 40).floor()                           # many ties
+    draws[8:12] = (draws[8:12] * 2 ** 12).floor() / 2 ** 12      # a few ties per row
+    assert torch.equal(argsort_rows(draws), draws.argsort(dim=1))
+    assert torch.equal(argsort_rows(draws[:, :0]), draws[:, :0].argsort(dim=1))
