@@ -121,30 +121,30 @@ class FastWeightMemory(nn.Module):
         return self.rule.read(state, phi_q)
 
     def use_kernel(self, v, num_queries: int, length: int) -> bool:
-        """Answer in the attention form from phi's own kernel (FeatureMap.kernel_width): for a
-        rule with an attention form for one-hot values (sum) and no key or query normalisation,
-        when the kernel materialises fewer floats per sequence than features, memory and
-        answers do: Q L kernel_width <= L d_dot + d_dot D_v + Q D_v. True for training's one
-        query per sequence; evaluation's hundreds of queries read one memory instead."""
+        """Answer in the attention form from phi's own kernel (FeatureMap.kernel_width), for a
+        rule without key or query normalisation, where ``attention_cheaper`` with the kernel's
+        width (no features either)."""
         width = getattr(self.phi, "kernel_width", None)
-        return (width is not None and isinstance(v, OneHot)
-                and hasattr(self.rule, "attend_one_hot")
+        return (width is not None
                 and self.rule.key_norm == "none" and self.rule.query_norm == "none"
                 and written_together(self.phi, "kernel", "forward")
-                and written_together(self.rule, "attend_one_hot", "read", "write_one_hot")
-                and num_queries * length * width
-                <= (length + v.size) * self.d_dot + num_queries * v.size)
+                and self.attention_cheaper(v, num_queries, length, width))
 
     def use_attention(self, v, num_queries: int, length: int) -> bool:
-        """Answer in the attention form from the (normalised) features, scores = phi(q) phi(k)^T:
-        for a rule with that form for one-hot values (sum), when the scores are fewer floats
-        than the memory and its answers, Q L <= (L + D_v) + Q D_v / d_dot (the kernel form's
-        rule with d_dot for the kernel width). True for training's one query per sequence,
-        where the memory's D_v x d_dot state, built, read and differentiated, costs more than
-        the L scores; evaluation's hundreds of queries read one memory instead."""
+        """Answer in the attention form from the (normalised) features' scores phi(q) . phi(k_t),
+        where ``attention_cheaper`` with width d_dot."""
+        return self.attention_cheaper(v, num_queries, length, self.d_dot)
+
+    def attention_cheaper(self, v, num_queries: int, length: int, width: int) -> bool:
+        """For a rule with an attention form for one-hot values (sum: ``attend_one_hot``), True
+        when scores costing ``width`` floats per (query, key) pair materialise fewer floats per
+        sequence than the memory and its answers: Q L width <= L d_dot + d_dot D_v + Q D_v.
+        True for training's one query per sequence, where the D_v x d_dot state, built, read
+        and differentiated, costs more than the scores; evaluation's hundreds of queries read
+        one memory instead."""
         return (isinstance(v, OneHot) and hasattr(self.rule, "attend_one_hot")
                 and written_together(self.rule, "attend_one_hot", "read", "write_one_hot")
-                and num_queries * length * self.d_dot
+                and num_queries * length * width
                 <= (length + v.size) * self.d_dot + num_queries * v.size)
 
     def use_answer(self, v, num_queries: int, length: int) -> bool:
