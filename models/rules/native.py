@@ -19,11 +19,11 @@ The sources are compiled on first use into one library, with the system's C comp
 else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastweight-retrieval``, else ``~/.cache/fastweight-retrieval``), under a name
 that hashes the sources, the flags and the machine, so processes sharing the cache never load a
-stale build. No -march=native and no
--ffast-math (no reassociation, no fused multiply-add): every machine computes the same floats. Without a compiler, or with
-``FWR_NATIVE=0``, ``steps()`` returns None and the PyTorch forms run (the same arithmetic,
-rounded differently); ``kernel_name()`` says which, and every stored run of a rule with a native
-form records it.
+stale build. No -march=native and no -ffast-math (no reassociation, no fused multiply-add):
+every machine computes the same floats. Without a compiler, or with ``FWR_NATIVE=0``,
+``steps()`` returns None and the PyTorch forms run (the same arithmetic, rounded differently;
+the projection's lookups alone give the same floats either way); ``kernel_name()`` says which,
+and every stored run of a model with a native form records it.
 """
 from __future__ import annotations
 
@@ -131,9 +131,8 @@ def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def kernel_name() -> str:
-    """'native' if the compiled steps (FWM write, delta-rule answers, DPFP kernel) run on this
-    machine, else
-    'torch'."""
+    """'native' if the compiled steps (FWM write, delta-rule answers, DPFP kernel, projection
+    lookups) run on this machine, else 'torch'."""
     return "native" if _library() is not None else "torch"
 
 
@@ -217,7 +216,8 @@ def _over_batch(B: int, work: int, run) -> None:
 
 
 def dpfp_kernel_forward(library, q, k, nu: int):
-    """DPFP-nu's phi(q) . phi(k) (csrc/dpfp_kernel_impl.h): q [B, Q, D], k [B, L, D] -> [B, Q, L]."""
+    """DPFP-nu's phi(q) . phi(k) (csrc/dpfp_kernel_impl.h): q [B, Q, D], k [B, L, D]
+    -> [B, Q, L]."""
     B, Q, D = q.shape
     L, W = k.shape[1], 2 * D
     K = q.new_empty(B, Q, L)
@@ -233,7 +233,8 @@ def dpfp_kernel_forward(library, q, k, nu: int):
 
 
 def dpfp_kernel_backward(library, g, q, k, nu: int):
-    """Gradients (dq [B, Q, D], dk [B, L, D]) of ``dpfp_kernel_forward`` for dLoss/dK = g [B, Q, L]."""
+    """Gradients (dq [B, Q, D], dk [B, L, D]) of ``dpfp_kernel_forward`` for
+    dLoss/dK = g [B, Q, L]."""
     B, Q, D = q.shape
     L, W = k.shape[1], 2 * D
     dq, dk = q.new_empty(B, Q, D), k.new_empty(B, L, D)
@@ -251,7 +252,8 @@ def dpfp_kernel_backward(library, g, q, k, nu: int):
 
 def _ids(ids: torch.Tensor) -> ctypes.c_void_p:
     if ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
-        raise ValueError(f"the native steps take contiguous CPU int64 ids, got {ids.dtype} on {ids.device}")
+        raise ValueError(f"the native steps take contiguous CPU int64 ids, got {ids.dtype} "
+                         f"on {ids.device}")
     return ctypes.c_void_p(ids.data_ptr())
 
 
