@@ -137,7 +137,7 @@ class DPFP(FeatureMap):
         2 D_k nu features: with p = r(q) * r(k) (elementwise, 2 D_k wide),
         phi(q) . phi(k) = sum_j sum_i p_i p_{i-j} = p . (sum_j roll(p, j)). Computed pair by
         pair in C where the compiled steps run (``DPFPKernel``), else by ``kernel_reference``."""
-        library = None if torch._C._are_functorch_transforms_active() else steps(q, k)
+        library = steps(q, k)
         if library is None:
             return self.kernel_reference(q, k)
         return DPFPKernel.apply(q.contiguous(), k.contiguous(), self.nu, library)

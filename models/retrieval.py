@@ -81,7 +81,7 @@ class RetrievalModel(nn.Module):
         value_columns = linear.weight[:, :S].T                              # [S, out]
         key_table = torch.addmm(linear.bias, self.embedding.weight,
                                 linear.weight[:, S:].T)                     # [S, out], with bias
-        library = None if torch._C._are_functorch_transforms_active() else steps(key_table)
+        library = steps(key_table)
         if library is not None and values.dtype == keys.dtype == torch.int64:
             flat = ProjectLookup.apply(value_columns.contiguous(), key_table,
                                        values.flatten(), keys.flatten(), library)

@@ -77,6 +77,9 @@ def test_missing_compiler_falls_back(fresh_library, monkeypatch):
 def test_only_cpu_float_tensors():
     assert native.steps(torch.zeros(1, dtype=torch.float16)) is None
     assert native.steps(torch.zeros(1, device="meta")) is None
+    seen = []
+    torch.func.vmap(lambda x: seen.append(native.steps(x)) or x)(torch.zeros(2, 3))
+    assert seen == [None]                              # a batched tensor has no plain buffer
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])

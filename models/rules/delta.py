@@ -313,7 +313,7 @@ def delta_rule_answer(q: Tensor, k: Tensor, v: Tensor | None, beta: Tensor,
     if L == 0:                                                        # the zero state
         return q @ q.new_zeros(B, D_k, int(d_value) if ids is not None else v.shape[2])
     library = steps(q, k, beta) if num_queries <= NATIVE_MAX_QUERIES else None
-    if library is not None and not torch._C._are_functorch_transforms_active():
+    if library is not None:
         # One position at a time in C (csrc/delta_answer_impl.h): Z_t = k_t . h_t directly.
         W = DeltaAnswer.apply(q, k, beta, library).transpose(1, 2)    # [B, Q, L]
     else:

@@ -121,10 +121,11 @@ def _autocast_on() -> bool:
 
 def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The compiled library if it can run the steps for these tensors (all on the CPU, all
-    float32 or all float64, no autocast changing the dtype of what is computed from them),
-    else None."""
+    float32 or all float64, no autocast changing the dtype of what is computed from them, no
+    torch.func transform, whose batched tensors have no plain buffer), else None."""
     first = tensors[0]
     if (first.device.type != "cpu" or first.dtype not in SUFFIX or _autocast_on()
+            or torch._C._are_functorch_transforms_active()
             or any(x.dtype != first.dtype or x.device != first.device for x in tensors)):
         return None
     return _library()
