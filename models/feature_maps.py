@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
-from models.rules.native import dpfp_kernel_backward, dpfp_kernel_forward, steps
+from models.rules.native import (dpfp_kernel_backward, dpfp_kernel_forward, favor_kernel_forward,
+                                 steps)
 
 
 class FeatureMap(nn.Module):
@@ -238,31 +239,38 @@ class FAVORKernel(torch.autograd.Function):
     """``favor_kernel_terms(q, k, omega)[0]`` with a hand-written backward (omega constant).
 
     With K = sum_i e+_i + e-_i, dK/ds_i = e+_i - e-_i and dK/dc = -K, so from the saved terms
-        d(q + k) = (g (e+ - e-)) Omega,   dq += -g K q,   dk += -g K k
-    (g the incoming gradient). ``floored_exp`` gives a floored term zero slope; here it keeps
-    its value exp(floor) (float32: 1.2e-38, float64: 3e-308), a difference below the dtype's
-    normal range, as in dK/dc. The forward works in place on the projections' block: five
-    passes over [B, Q, L, m] fewer than autograd, and half its memory.
+        d(q + k) = g ((e+ - e-) Omega),   dq += -g K q,   dk += -g K k
+    (g the incoming gradient, one scalar per pair: it scales the product's rows, so it never
+    touches the [B, Q, L, m] block). ``floored_exp`` gives a floored term zero slope; here it
+    keeps its value exp(floor) (float32: 1.2e-38, float64: 3e-308), a difference below the
+    dtype's normal range, as in dK/dc. The terms come from one C pass over the projections'
+    block (csrc/favor_kernel_impl.h), which then holds e+ - e-, the one block the backward
+    keeps; without the compiled library, the same arithmetic in PyTorch.
     """
 
     @staticmethod
     def forward(ctx, q, k, omega):
         s = (q[:, :, None, :] + k[:, None, :, :]) @ omega.T              # [B, Q, L, m]
         c = (0.5 * (q.pow(2).sum(-1)[:, :, None] + k.pow(2).sum(-1)[:, None, :])
-             + math.log(2 * omega.shape[0]))[..., None]                  # [B, Q, L, 1]
+             + math.log(2 * omega.shape[0]))                             # [B, Q, L]
         floor = exp_floor(s.dtype)
-        plus = torch.sub(s, c).clamp_(min=floor).exp_()                 # exp(s - c), floored
-        minus = torch.sub(-c, s, out=s).clamp_(min=floor).exp_()         # exp(-s - c), in s
-        kernel = plus.sum(-1) + minus.sum(-1)
-        ctx.save_for_backward(q, k, omega, kernel, plus, minus)
+        library = steps(s, c)
+        if library is not None:
+            kernel = favor_kernel_forward(library, s, c, floor)       # s becomes e+ - e-
+            difference = s
+        else:
+            plus = torch.sub(s, c[..., None]).clamp_(min=floor).exp_()  # exp(s - c), floored
+            minus = torch.sub(-c[..., None], s, out=s).clamp_(min=floor).exp_()   # in s
+            kernel = plus.sum(-1) + minus.sum(-1)
+            difference = plus.sub_(minus)
+        ctx.save_for_backward(q, k, omega, kernel, difference)
         return kernel
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, omega, kernel, plus, minus = ctx.saved_tensors
-        slope = torch.sub(plus, minus).mul_(grad[..., None])             # [B, Q, L, m]
-        d_sum = slope @ omega                                           # [B, Q, L, D_k]: d(q + k)
+        q, k, omega, kernel, difference = ctx.saved_tensors
+        d_sum = (difference @ omega).mul_(grad[..., None])              # [B, Q, L, D_k]: d(q + k)
         d_c = -(grad * kernel)                                          # [B, Q, L]
         d_q = d_sum.sum(2) + d_c.sum(2)[..., None] * q
         d_k = d_sum.sum(1) + d_c.sum(1)[..., None] * k

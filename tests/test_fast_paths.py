@@ -283,7 +283,7 @@ def test_kernel_equals_feature_dot_products(feature_map, options, d_key, generat
 
 @pytest.mark.parametrize("scale", [1.0, 12.0])   # 12: many terms below exp's floor
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_favor_kernel_backward_equals_autograd_of_the_features(scale, dtype, generator):
+def test_favor_kernel_backward_equals_autograd_of_the_features(scale, dtype, native_steps, generator):
     from models.feature_maps import build_feature_map
     phi = build_feature_map("favor", 6, m=16, redraw="fixed").to(dtype)
     q0 = scale * torch.randn(3, 2, 6, generator=generator, dtype=torch.float64)
@@ -297,8 +297,10 @@ def test_favor_kernel_backward_equals_autograd_of_the_features(scale, dtype, gen
 
     ours = value_and_grads(phi.kernel)
     reference = value_and_grads(lambda q, k: phi(q) @ phi(k).transpose(1, 2))
-    tol = dict(rtol=1e-10, atol=1e-300) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-30)
     for a, b in zip(ours, reference):
+        # float32: a gradient entry where the two terms cancel is as precise as the largest one
+        tol = (dict(rtol=1e-10, atol=1e-300) if dtype == torch.float64
+               else dict(rtol=2e-4, atol=max(1e-5 * b.abs().max().item(), 1e-30)))
         torch.testing.assert_close(a, b, **tol)
     if scale > 1:      # the floor was reached, so its zero-gradient rule was exercised
         log_terms = phi._log_features(q0.to(dtype))[:, :, None] + phi._log_features(k0.to(dtype))[:, None]

@@ -1,5 +1,6 @@
 """The compiled steps (models/rules/native.py: the FWM write's, the delta rule's answers, DPFP's
-kernel): the same numbers as the PyTorch forms, built once into the cache, and optional."""
+and FAVOR+'s kernels, the projection's lookups): the same numbers as the PyTorch forms, built
+once into the cache, and optional."""
 import os
 import platform
 import shutil
@@ -244,3 +245,84 @@ def test_native_dpfp_kernel_spreads_a_nan(native_steps, generator):
     k[0, 2, 1] = float("nan")
     kernel = DPFP(4, 2).kernel(q, k)
     assert torch.isnan(kernel[0, 0, 2]) and torch.isfinite(kernel[0, 0, [0, 1, 3, 4]]).all()
+
+
+def favor_terms_reference(s, c, floor):
+    """FAVOR+'s kernel terms in float64 PyTorch: (sum of e+ + e-, e+ - e-)."""
+    s, c = s.double(), c.double()[..., None]
+    plus, minus = (s - c).clamp(min=floor).exp(), (-s - c).clamp(min=floor).exp()
+    return (plus + minus).sum(-1), plus - minus
+
+
+def test_fixed_expf_is_within_two_ulp_of_exp():
+    """csrc/expf_impl.h over float32's whole floored range (c = 0, one feature: the row's sum is
+    exp(max(s, -87)) + exp(max(-s, -87)), and its difference), then the edges: overflow to
+    inf, and NaN."""
+    import numpy as np
+    library = native.steps(torch.zeros(1))
+    if library is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    grid = torch.linspace(-87.0, 88.72, 1_000_001)
+    s = grid[:, None].clone()
+    K = native.favor_kernel_forward(library, s, torch.zeros(len(grid)), -87.0)
+    total, difference = favor_terms_reference(grid[:, None], torch.zeros(len(grid)), -87.0)
+
+    def ulps(ours, exact):
+        spacing = torch.from_numpy(np.spacing(exact.abs().float().numpy())).double()
+        return (ours.double() - exact).abs() / spacing
+
+    assert ulps(K, total).max() <= 2.0
+    far = grid.abs() > 10                                       # no cancellation in e+ - e-
+    assert ulps(s[far, 0], difference[far, 0]).max() <= 2.0
+    edges = torch.tensor([[88.73], [100.0], [float("inf")], [float("nan")]])
+    K = native.favor_kernel_forward(library, edges, torch.zeros(4), -87.0)
+    assert torch.isinf(K[:3]).all() and torch.isnan(K[3])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
+def test_native_favor_terms_equal_float64(dtype, tol, generator):
+    """Projections and offsets on FAVOR+'s scale at init (c ~ 200): most terms are floored, the
+    rest span many orders of magnitude; odd m leaves a tail after the eight lanes."""
+    from models.numerics import exp_floor
+    library = native.steps(torch.zeros(1, dtype=dtype))
+    if library is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    s0 = 60 * torch.randn(4, 1, 9, 37, generator=generator, dtype=dtype)
+    c = 150 + 100 * torch.rand(4, 1, 9, generator=generator, dtype=dtype)
+    s = s0.clone()
+    K = native.favor_kernel_forward(library, s, c, exp_floor(dtype))
+    total, difference = favor_terms_reference(s0, c, exp_floor(dtype))
+    torch.testing.assert_close(K.double(), total, rtol=tol, atol=0)
+    torch.testing.assert_close(s.double(), difference, rtol=tol, atol=1e-30 if dtype == torch.float32 else 1e-300)
+
+
+def test_native_favor_terms_split_over_threads_change_no_float(monkeypatch, generator):
+    library = native.steps(torch.zeros(1))
+    if library is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    s0 = 20 * torch.randn(5, 40, 64, generator=generator)
+    c = 100 * torch.rand(5, 40, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = s0.clone()
+        K_one = native.favor_kernel_forward(library, one, c, -87.0)
+        torch.set_num_threads(3)
+        monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0)
+        split = s0.clone()
+        K_split = native.favor_kernel_forward(library, split, c, -87.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(K_one, K_split) and torch.equal(one, split)
+
+
+def test_native_favor_kernel_gradcheck_and_nan(native_steps, generator):
+    from models.feature_maps import FAVORPlus
+    phi = FAVORPlus(4, m=6, redraw="fixed").double()
+    q = torch.randn(2, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(phi.kernel, (q, k))
+    k = k.detach().clone()
+    k[1, 3, 2] = float("nan")
+    kernel = phi.kernel(q.detach(), k)
+    assert torch.isnan(kernel[1, :, 3]).all() and torch.isfinite(kernel[0]).all()

@@ -100,7 +100,8 @@ def test_every_run_records_the_code_that_produced_it():
         assert suite == "unknown"
 
 
-@pytest.mark.parametrize("feature_map,rule", [("tanh", "fwm"), ("linear", "delta"), ("dpfp", "sum")])
+@pytest.mark.parametrize("feature_map,rule", [("tanh", "fwm"), ("linear", "delta"), ("dpfp", "sum"),
+                                              ("favor", "sum")])
 def test_runs_of_models_with_compiled_steps_record_which_ran(feature_map, rule):
     from models.rules.native import kernel_name
     result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map=feature_map, rule=rule),

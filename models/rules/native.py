@@ -12,7 +12,10 @@ a few thousand flops:
   one;
 - DPFP-nu's kernel phi(q) . phi(k) is a few passes of width 2 D_k per (query, key) pair, which
   PyTorch makes as separate passes over a [B, Q, L, 2 D_k] block; ``csrc/dpfp_kernel_impl.h``
-  makes one pass per pair, forward and backward, and keeps no block.
+  makes one pass per pair, forward and backward, and keeps no block;
+- FAVOR+'s kernel turns the projections [B, Q, L, m] into exp(+-s - c), their sum and their
+  difference, which PyTorch makes as eight passes; ``csrc/favor_kernel_impl.h`` makes one,
+  with a float32 exp that vectorises (``csrc/expf_impl.h``).
 All are compiled from ``csrc/steps.c``, which includes each once per precision.
 
 The sources are compiled on first use into one library, with the system's C compiler (``$CC``,
@@ -44,9 +47,10 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "steps.c"]
 HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h",
-           CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h"]
+           CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h", CSRC / "expf_impl.h",
+           CSRC / "favor_kernel_impl.h"]
 FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward",
-             "dpfp_kernel_forward", "dpfp_kernel_backward"]
+             "dpfp_kernel_forward", "dpfp_kernel_backward", "favor_kernel_forward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward"]   # return 1 on a bad id
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
 # reassociation, no contraction); random signs made the branches mispredict half the time.
@@ -132,8 +136,8 @@ def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def kernel_name() -> str:
-    """'native' if the compiled steps (FWM write, delta-rule answers, DPFP kernel, projection
-    lookups) run on this machine, else 'torch'."""
+    """'native' if the compiled steps (FWM write, delta-rule answers, DPFP and FAVOR+ kernels,
+    projection lookups) run on this machine, else 'torch'."""
     return "native" if _library() is not None else "torch"
 
 
@@ -249,6 +253,25 @@ def dpfp_kernel_backward(library, g, q, k, nu: int):
 
     _over_batch(B, B * Q * L * W * (2 * nu + 6), run)
     return dq, dk
+
+
+def favor_kernel_forward(library, s, c, floor: float):
+    """FAVOR+'s kernel terms (csrc/favor_kernel_impl.h): s [..., m] (contiguous) becomes
+    exp(max(s - c, floor)) - exp(max(-s - c, floor)) in place; returns their sum over m, [...]
+    (c has the shape of that sum)."""
+    m = s.shape[-1]
+    rows = s.numel() // m
+    K = s.new_empty(s.shape[:-1])
+    function = getattr(library, f"favor_kernel_forward_{SUFFIX[s.dtype]}")
+    real = ctypes.c_float if s.dtype == torch.float32 else ctypes.c_double
+
+    def run(r0: int, r1: int) -> None:
+        scratch = s.new_empty(m)                      # named: held until C returns
+        function(ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(m), real(floor),
+                 *_pointers(s.dtype, s, c, K, scratch))
+
+    _over_batch(rows, rows * m * 8, run)
+    return K
 
 
 def _ids(ids: torch.Tensor) -> ctypes.c_void_p:

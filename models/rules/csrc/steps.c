@@ -10,12 +10,25 @@
  *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair
  *   gather_add_impl.h    the retrieval model's input projection as two row lookups and a sum
  *                        (models/retrieval.py, ProjectLookup), forward and backward
+ *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
+ *                        per (query, key) pair (models/feature_maps.py, FAVORKernel); float32
+ *                        with expf_impl.h's exp, float64 with libm's
  * Row-major, contiguous buffers. Compiled without -ffast-math and with -ffp-contract=off, every
  * sum in a fixed order (dot_impl.h), so every machine rounds the same way.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Loops whose every float is independent of the vector width also get AVX2 and AVX-512
+ * clones, chosen at load time (gcc's function multiversioning); elsewhere the baseline. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#include "expf_impl.h"
 
 #define T float
 #define NAME(x) x##_f32
@@ -24,6 +37,9 @@
 #include "delta_answer_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "gather_add_impl.h"
+#define EXP(x) fixed_expf(x)
+#include "favor_kernel_impl.h"
+#undef EXP
 #undef T
 #undef NAME
 
@@ -34,5 +50,8 @@
 #include "delta_answer_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "gather_add_impl.h"
+#define EXP(x) exp(x)
+#include "favor_kernel_impl.h"
+#undef EXP
 #undef T
 #undef NAME

@@ -1,0 +1,32 @@
+/* exp for float32 as a fixed sequence of IEEE operations (included once by steps.c).
+ *
+ * libm's expf is a scalar call, so a loop of them does not vectorise; this form does, and
+ * gives the same floats on every machine and every vector width (no fused multiply-add, no
+ * table). Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, then Cephes' degree-7
+ * polynomial for exp(r) (within 2 ulp of the exact value over float32's normal range; the
+ * tests check it against float64 exp) and 2^n from the exponent bits.
+ * Inputs below -87.3 would need a subnormal 2^n: callers floor their arguments first
+ * (FAVOR+'s floor is -87). Above log(FLT_MAX) the result is inf; NaN stays NaN. */
+
+static inline float fixed_expf(float x) {
+    const float xc = x > 89.0f ? 89.0f : x;                   /* keeps a NaN; 2^n <= 2^128 */
+    const float xn = xc == xc ? xc : 0.0f;                    /* n from a number, never NaN */
+    const float nf = (xn * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round */
+    float r = xc - nf * 0.693359375f;                         /* ln2 in two parts, exact */
+    r = r - nf * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t n = (int32_t)nf;
+    const int32_t top = n > 127;                              /* 2^128 is not a float: 2 2^127 */
+    n -= top;
+    p = top ? p * 2.0f : p;
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
