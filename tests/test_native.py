@@ -326,3 +326,40 @@ def test_native_favor_kernel_gradcheck_and_nan(native_steps, generator):
     k[1, 3, 2] = float("nan")
     kernel = phi.kernel(q.detach(), k)
     assert torch.isnan(kernel[1, :, 3]).all() and torch.isfinite(kernel[0]).all()
+
+
+def short_training_fingerprint() -> list:
+    """Losses and parameters after a few steps of each model with compiled steps."""
+    from tasks import sample_batch
+    from training.config import RunConfig
+    from training.presets import MODEL_PRESETS
+    from training.trainer import make_model, make_optimizer
+    results = []
+    for preset, setting, S in [("dpfp3", "capacity", 12), ("favor64", "capacity", 10),
+                               ("dpfp1-delta", "overwrite", 8), ("schlag2021-tanh", "overwrite", 6)]:
+        torch.manual_seed(0)
+        config = RunConfig(setting=setting, num_pairs=S, **{**MODEL_PRESETS[preset], "batch_size": 4})
+        model = make_model(config)
+        optimizer = make_optimizer(model.parameters(), config.lr)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            loss = model.loss(sample_batch(setting, S, config.batch_size, generator))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            results.append(loss.detach().clone())
+        results.extend(p.detach().clone() for p in model.parameters())
+    return results
+
+
+def test_vector_clones_change_no_float(fresh_library, monkeypatch):
+    """The AVX2 / AVX-512 clones of the compiled loops (csrc/steps.c) against a build without
+    them: every loss and parameter of a few training steps, bit for bit."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    with_clones = short_training_fingerprint()
+    native._library.cache_clear()
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-DFWR_NO_CLONES"])
+    baseline = short_training_fingerprint()
+    assert native._library() is not None and len(list(fresh_library.glob("native-*.so"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(with_clones, baseline))

@@ -23,7 +23,9 @@ else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastweight-retrieval``, else ``~/.cache/fastweight-retrieval``), under a name
 that hashes the sources, the flags and the machine, so processes sharing the cache never load a
 stale build. No -march=native and no -ffast-math (no reassociation, no fused multiply-add):
-every machine computes the same floats. Without a compiler, or with ``FWR_NATIVE=0``,
+every machine computes the same floats. On x86-64 Linux with gcc the loops also get AVX2 (FAVOR+'s
+also AVX-512) clones picked at load time; they round exactly as the baseline build
+(-DFWR_NO_CLONES), which a test checks. Without a compiler, or with ``FWR_NATIVE=0``,
 ``steps()`` returns None and the PyTorch forms run (the same arithmetic, rounded differently;
 the projection's lookups alone give the same floats either way); ``kernel_name()`` says which,
 and every stored run of a model with a native form records it.

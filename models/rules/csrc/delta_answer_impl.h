@@ -7,6 +7,7 @@
  * backward (hs [L, Q, D]). */
 
 /* In: q [B,Q,D], k [B,L,D], beta [B,L]. Out: w [B,L,Q], z [B,L,Q], hs [B,L,Q,D]; h [Q,D] scratch. */
+VECTOR_CLONES
 void NAME(delta_answer_forward)(long B, long L, long Q, long D, const T *q, const T *k,
                                 const T *beta, T *w, T *z, T *hs, T *h) {
     for (long i = 0; i < B; ++i) {
@@ -32,6 +33,7 @@ void NAME(delta_answer_forward)(long B, long L, long Q, long D, const T *q, cons
  *     h_t = h_{t+1} - w_t k_t:  dh_{t+1} += dh_t,  dw_t -= k_t . dh_t,  dk_t -= w_t dh_t
  *     w_t = beta_t z_t:         dz_t = beta_t dw_t,  dbeta_t += z_t dw_t
  *     z_t = k_t . h_{t+1}:      dk_t += dz_t h_{t+1},  dh_{t+1} += dz_t k_t */
+VECTOR_CLONES
 void NAME(delta_answer_backward)(long B, long L, long Q, long D, const T *dw, const T *k,
                                  const T *beta, const T *z, const T *hs, T *dq, T *dk,
                                  T *dbeta, T *dh) {

@@ -45,6 +45,7 @@ static inline T NAME(dpfp_pair)(const T *rq, const T *rk, long W, long nu, T *bu
 
 /* In: q [B,Q,D], k [B,L,D]. Out: K [B,Q,L] for batch entries b0 <= b < b1.
  * Scratch: (Q + 1) W + (W + 2 nu) + W. */
+VECTOR_CLONES
 void NAME(dpfp_kernel_forward)(long b0, long b1, long Q, long L, long D, long nu, const T *q,
                                const T *k, T *K, T *scratch) {
     const long W = 2 * D;
@@ -71,6 +72,7 @@ static inline void NAME(dpfp_relu_backward)(const T *x, const T *dr, long D, T *
 /* In: g [B,Q,L] (dLoss/dK), q, k as in the forward. Out: dq [B,Q,D], dk [B,L,D] for
  * b0 <= b < b1. dk sums over queries j ascending, dq over positions t ascending.
  * Scratch: 2 Q W + 2 W + (W + 2 nu) + 2 W. */
+VECTOR_CLONES
 void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long nu, const T *g,
                                 const T *q, const T *k, T *dq, T *dk, T *scratch) {
     const long W = 2 * D;

@@ -20,7 +20,7 @@ static inline T NAME(sum8)(const T *a, long n) {
 
 /* In: s [R, m] (overwritten with e+ - e-), c [R]. Out: K [R], for rows r0 <= r < r1.
  * Scratch: m. (x < floor ? floor : x) keeps a NaN, as clamp does. */
-VECTOR_CLONES
+WIDE_VECTOR_CLONES
 void NAME(favor_kernel_forward)(long r0, long r1, long m, T floor, T *s, const T *c, T *K,
                                 T *scratch) {
     for (long r = r0; r < r1; ++r) {

@@ -5,6 +5,7 @@
  * first (1: the chunk opens the sequence; its first write is not clipped).
  * Out: E [B,C,C] (E_ts, s < t; 1 on the diagonal, 0 above), w [B,C,C] (G_ts E_ts, s < t),
  * U [B,C,D], r [B,C,D], n_pre [B,C], c [B,C], g [B,C]. */
+VECTOR_CLONES
 void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *hk, const T *R0,
                        const T *V, const T *b, T *n, int first, T *E, T *w, T *U, T *r,
                        T *n_pre, T *c, T *g) {
@@ -56,6 +57,7 @@ void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *hk, const T 
 /* Backward, reverse over positions j (see FWMWrite's docstring). In: Ubd [B,C,D] (the chunk
  * output's part of U's adjoint), wn [B,C,D] (d n'/d u), w [B,C,C], U, r [B,C,D], b, low, clip,
  * cd [B,C], n_bar [B] (in/out). Out: R_bar, U_bar [B,C,D], nb_all [B,C]. ub_reads [D] scratch. */
+VECTOR_CLONES
 void NAME(fwm_backward)(long B, long C, long D, const T *Ubd, const T *wn, const T *w,
                         const T *U, const T *r, const T *b, const T *low, const T *clip,
                         const T *cd, T *n_bar, T *R_bar, T *U_bar, T *nb_all, T *ub_reads) {

@@ -20,12 +20,16 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Loops whose every float is independent of the vector width also get AVX2 and AVX-512
- * clones, chosen at load time (gcc's function multiversioning); elsewhere the baseline. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+/* Loops whose every float is independent of the vector width also get AVX2 clones (and AVX-512,
+ * WIDE_VECTOR_CLONES, where measured faster: FAVOR+'s exps), chosen at load time (gcc's
+ * function multiversioning); elsewhere, or with -DFWR_NO_CLONES, the baseline. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
+    && !defined(FWR_NO_CLONES)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define WIDE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VECTOR_CLONES
+#define WIDE_VECTOR_CLONES
 #endif
 
 #include "expf_impl.h"
