@@ -6,7 +6,9 @@ exact only when it holds nothing per member: no parameters and the same buffers 
 (``StackedRetrievalModel.supports``). It then sees the M batches as one batch of M * B
 sequences, so one step of M members runs the same number of operations as one step of one
 model, each M times larger: at the paper's sizes most of a small configuration's step is
-per-operation overhead, which this shares.
+per-operation overhead, which this shares. A random feature map (FAVOR+, random Fourier) is the
+one per-member part allowed: each member keeps its own draws (``MemberFeatureMaps``), and only
+the map runs once per member.
 
 Shapes: M members, B sequences per member, L positions, Q queries, S pairs, D_key key width.
 The projections are ``RetrievalModel._project``'s lookups with per-member tables: member m's
@@ -19,12 +21,53 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from models.memory import OneHot
+from models.memory import OneHot, per_call_features
+from models.normalisation import normalise
 from models.retrieval import RetrievalModel
 
 
 def _stack(tensors) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).clone())
+
+
+class MemberFeatureMaps(nn.Module):
+    """The random feature maps of M members, each applied to its member's B rows of an
+    [M * B, ...] batch (member m: rows m B .. (m + 1) B - 1), with its own draws: the stacked
+    memory computes what each member's memory computes. Offers what the members offer (their
+    kernel and its width, a stable sum normalisation)."""
+
+    random = True
+
+    def __init__(self, maps: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(maps)
+        first = maps[0]
+        self.d_key, self.d_dot = first.d_key, first.d_dot
+        self.nonnegative = first.nonnegative
+        self.redraw_policy = getattr(first, "redraw_policy", "per_call")
+        self.kernel_width = getattr(first, "kernel_width", None)
+
+    def _split(self, *tensors: Tensor):
+        """Per member, its rows of each [M * B, ...] tensor."""
+        M = len(self.members)
+        return zip(*(x.chunk(M, dim=0) for x in tensors))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([phi(part) for phi, (part,) in zip(self.members, self._split(x))])
+
+    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
+        return torch.cat([phi.kernel(*parts) for phi, parts in zip(self.members, self._split(q, k))])
+
+    def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
+        if not hasattr(self.members[0], "sum_normalised"):
+            return normalise(self(x), "sum", eps)
+        return torch.cat([phi.sum_normalised(part, eps)
+                          for phi, (part,) in zip(self.members, self._split(x))])
+
+    def redraw(self, generators: list[torch.Generator | None]) -> None:
+        """New draws for every member, member m's from generators[m] (its own stream)."""
+        for phi, generator in zip(self.members, generators):
+            phi.redraw(generator)
 
 
 class StackedRetrievalModel(nn.Module):
@@ -48,23 +91,39 @@ class StackedRetrievalModel(nn.Module):
             self.W_b_weight = _stack(m.W_b.weight for m in models)              # [M, 1, S + d_emb]
             self.W_b_bias = _stack(m.W_b.bias for m in models)                  # [M, 1]
         self.memory = copy.deepcopy(first.memory)
+        if self._random_features(models):
+            self.memory.phi = MemberFeatureMaps([copy.deepcopy(m.memory.phi) for m in models])
+
+    @staticmethod
+    def _random_features(models: list[RetrievalModel]) -> bool:
+        return getattr(getattr(models[0].memory, "phi", None), "random", False)
 
     @staticmethod
     def supports(models: list[RetrievalModel]) -> bool:
-        """True when every member's memory is the same function: same class, no parameters,
-        no random feature map (per-call or fixed, each member has its own draws), equal
-        buffers (e.g. Taylor's index tables)."""
+        """True when every member's memory is the same function up to random feature draws:
+        same class, no parameters, equal buffers (e.g. Taylor's index tables) other than a
+        random feature map's, which stays per member (``MemberFeatureMaps``)."""
         memories = [m.memory for m in models]
         if any(type(mem) is not type(memories[0]) for mem in memories):
             return False
         if any(True for _ in memories[0].parameters()):
             return False
-        if getattr(getattr(memories[0], "phi", None), "random", False):
-            return False                    # each member draws its own features
-        reference = dict(memories[0].named_buffers())
-        return all(reference.keys() == dict(mem.named_buffers()).keys()
-                   and all(torch.equal(reference[name], buffer) for name, buffer in mem.named_buffers())
+        random = StackedRetrievalModel._random_features(models)
+        if random and any(type(mem.phi) is not type(memories[0].phi) for mem in memories):
+            return False
+        shared = lambda mem: {name: buffer for name, buffer in mem.named_buffers()
+                              if not (random and name.startswith("phi."))}
+        reference = shared(memories[0])
+        return all(reference.keys() == shared(mem).keys()
+                   and all(torch.equal(reference[name], buffer) for name, buffer in shared(mem).items())
                    for mem in memories[1:])
+
+    def redraw_features(self, generators: list[torch.Generator | None]) -> None:
+        """For a per-call random feature map: member m's new draws from generators[m] (its
+        model's ``redraw_generator``: the draws its own forward would make)."""
+        phi = per_call_features(self.memory)
+        if phi is not None:
+            phi.redraw(generators)
 
     def _offsets(self, ids: Tensor) -> Tensor:
         """Member m's ids [M, ...] shifted to its rows of a flattened [M * S, .] table."""

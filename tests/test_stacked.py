@@ -60,9 +60,34 @@ def test_stacked_reads_every_query_of_an_evaluation_set(generator):
             torch.testing.assert_close(y[m], model.eval()(batch), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("options", [{"m": 8, "redraw": "fixed"}, {"m": 8}])
+@pytest.mark.parametrize("rule", ["sum", "delta"])
+def test_random_feature_maps_stay_per_member(options, rule, generator):
+    """FAVOR+ members keep their own Omega (fixed: drawn at construction; per call: drawn
+    from each member's stream at every forward), in the kernel form (sum, training's one
+    query), the features' (delta) and the memory (evaluation)."""
+    S = 9
+    models = members(S, "favor", rule, feature_options=options)
+    for m, model in enumerate(models):
+        model.redraw_generator = torch.Generator().manual_seed(7 + m)
+    assert StackedRetrievalModel.supports(models)
+    stacked = StackedRetrievalModel(models)
+    own = [torch.Generator().manual_seed(7 + m) for m in range(MEMBERS)]
+    for evaluating in (False, True):
+        batches = ([evaluation_set("capacity", S, "paper", generator, 2) for _ in range(MEMBERS)]
+                   if evaluating else [sample_batch("capacity", S, 4, generator) for _ in range(MEMBERS)])
+        ids = {name: torch.stack([getattr(b, name) for b in batches]) for name in ("keys", "values", "queries")}
+        stacked.train(not evaluating)
+        stacked.redraw_features(own)
+        y = stacked(ids["keys"], ids["values"], ids["queries"])
+        for m, (model, batch) in enumerate(zip(models, batches)):
+            y_m = model.train(not evaluating)(batch)        # redraws from the same stream
+            torch.testing.assert_close(y[m], y_m, rtol=1e-12, atol=1e-12)
+    omegas = [phi.omega for phi in stacked.memory.phi.members]
+    assert not torch.equal(omegas[0], omegas[1])
+
+
 @pytest.mark.parametrize("feature_map, options", [
-    ("favor", {"feature_options": {"m": 8}}),                                   # per-call draws
-    ("favor", {"feature_options": {"m": 8, "redraw": "fixed"}}),                # per-member Omega
     ("hedgehog", {}),                                                           # learnable map
 ])
 def test_memories_with_per_member_state_are_not_stacked(feature_map, options):

@@ -2,13 +2,13 @@
 
 Runs that differ only in their seed have parameters of identical shapes. Their parameters are
 stacked along a new leading "member" dimension M and one forward pass evaluates every member on
-its own batch. Two engines: when the memory holds nothing per member (no parameters, no random
-feature draws: linear, dpfp, tanh, taylor, softmax, ... with sum, delta, fwm), the members are
-one ``models.stacked.StackedRetrievalModel`` whose memory sees the M batches as one batch
-(a step of M members runs the operations of one step, each M times larger); otherwise
-(random maps such as FAVOR+, learnable maps, the fwl rule's learned W_0 and step size)
-torch.func.vmap over torch.func.stack_module_state, which is general but materialises batched
-copies. Adam is elementwise, so ONE Adam over the stacked parameters is exactly M independent
+its own batch. Two engines: when the memory holds nothing per member but random feature draws
+(linear, dpfp, tanh, taylor, softmax, favor, ... with sum, delta, fwm), the members are one
+``models.stacked.StackedRetrievalModel`` whose memory sees the M batches as one batch (a step
+of M members runs the operations of one step, each M times larger; a random feature map alone
+runs once per member, with that member's draws); otherwise (learnable maps, the fwl rule's
+learned W_0 and step size) torch.func.vmap over torch.func.stack_module_state, which is
+general but materialises batched copies. Adam is elementwise, so ONE Adam over the stacked parameters is exactly M independent
 Adams; every member keeps its own data stream, evaluation stream, initialisation and
 random-feature draws (the same streams as ``training.trainer.train`` uses for that seed) and
 its own stopping point, recorded by the
@@ -86,7 +86,8 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
             # The memory holds nothing per member: one module, the M batches as one batch.
             stacked = StackedRetrievalModel(models)
             parameters = list(stacked.parameters())
-            refresh_random_features = lambda: None
+            refresh_random_features = lambda: stacked.redraw_features(
+                [m.redraw_generator for m in models])
             set_mode = stacked.train
 
             def forward(batches):
