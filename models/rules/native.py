@@ -248,7 +248,7 @@ def dpfp_kernel_backward(library, g, q, k, nu: int):
     function = getattr(library, f"dpfp_kernel_backward_{SUFFIX[q.dtype]}")
 
     def run(b0: int, b1: int) -> None:
-        scratch = q.new_empty((2 * Q + 5) * W + 2 * nu)   # named: held until C returns
+        scratch = q.new_empty((2 * Q + 3) * W + 2 * nu)   # named: held until C returns
         function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
                  ctypes.c_long(D), ctypes.c_long(nu),
                  *_pointers(q.dtype, g, q, k, dq, dk, scratch))

@@ -28,19 +28,47 @@ static inline void NAME(dpfp_relu)(const T *x, long D, T *r) {
 }
 
 /* p = rq * rk into buf[nu .. nu + W), with buf[m] = p_{(m - nu) mod W} on both sides (width
- * W + 2 nu); w_i = buf[nu+i-1] + buf[nu+i-2] + ... (j ascending, as the PyTorch form adds the
- * rolls). Returns sum_i p_i w_i. */
-static inline T NAME(dpfp_pair)(const T *rq, const T *rk, long W, long nu, T *buf, T *w) {
+ * W + 2 nu). Returns p. */
+static inline T *NAME(dpfp_products)(const T *rq, const T *rk, long W, long nu, T *buf) {
     T *p = buf + nu;
     for (long i = 0; i < W; ++i) p[i] = rq[i] * rk[i];
     for (long m = 0; m < nu; ++m) {
         p[-1 - m] = p[((-1 - m) % W + W) % W];
         p[W + m] = p[m % W];
     }
+    return p;
+}
+
+/* w_i = p_{i-1} + p_{i-2} + ... + p_{i-nu} (j ascending, as the PyTorch form adds the rolls),
+ * from p with its halo. */
+static inline T NAME(dpfp_w)(const T *p, long i, long nu) {
+    T w = p[i - 1];
+    for (long j = 2; j <= nu; ++j) w += p[i - j];
+    return w;
+}
+
+/* phi(q) . phi(k) = sum_i p_i w_i for one pair, w written out first (a loop per shift, then
+ * dot8: faster here than computing w inside the eight-lane dot). */
+static inline T NAME(dpfp_pair)(const T *rq, const T *rk, long W, long nu, T *buf, T *w) {
+    const T *p = NAME(dpfp_products)(rq, rk, W, nu, buf);
     for (long i = 0; i < W; ++i) w[i] = p[i - 1];
     for (long j = 2; j <= nu; ++j)
         for (long i = 0; i < W; ++i) w[i] += p[i - j];
     return NAME(dot8)(p, w, W);
+}
+
+/* One pair's backward in one loop: dp_m = g (w_m + u_m) with u_m = p_{m+1} + ... + p_{m+nu},
+ * then drk += dp * rq, drq += dp * rk. Inlined with nu a constant where it is 1, 2 or 3
+ * (below), so the loop vectorises: twice as fast as a loop per shift at nu = 3. */
+static inline void NAME(dpfp_pair_grad)(const T *p, const T *rq, const T *rk, T g, long W,
+                                        long nu, T *drq, T *drk) {
+    for (long i = 0; i < W; ++i) {
+        T dp = NAME(dpfp_w)(p, i, nu) + p[i + 1];
+        for (long j = 2; j <= nu; ++j) dp += p[i + j];
+        const T d = g * dp;
+        drk[i] += d * rq[i];
+        drq[i] += d * rk[i];
+    }
 }
 
 /* In: q [B,Q,D], k [B,L,D]. Out: K [B,Q,L] for batch entries b0 <= b < b1.
@@ -71,13 +99,13 @@ static inline void NAME(dpfp_relu_backward)(const T *x, const T *dr, long D, T *
 
 /* In: g [B,Q,L] (dLoss/dK), q, k as in the forward. Out: dq [B,Q,D], dk [B,L,D] for
  * b0 <= b < b1. dk sums over queries j ascending, dq over positions t ascending.
- * Scratch: 2 Q W + 2 W + (W + 2 nu) + 2 W. */
+ * Scratch: 2 Q W + 2 W + (W + 2 nu). */
 VECTOR_CLONES
 void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long nu, const T *g,
                                 const T *q, const T *k, T *dq, T *dk, T *scratch) {
     const long W = 2 * D;
     T *rq = scratch, *drq = rq + Q * W, *rk = drq + Q * W, *drk = rk + W;
-    T *buf = drk + W, *w = buf + W + 2 * nu, *dp = w + W;
+    T *buf = drk + W;
     for (long b = b0; b < b1; ++b) {
         for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
         for (long i = 0; i < Q * W; ++i) drq[i] = 0;
@@ -86,17 +114,13 @@ void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long n
             for (long i = 0; i < W; ++i) drk[i] = 0;
             for (long j = 0; j < Q; ++j) {
                 const T gj = g[(b * Q + j) * L + t], *rqj = rq + j * W;
+                const T *p = NAME(dpfp_products)(rqj, rk, W, nu, buf);
                 T *drqj = drq + j * W;
-                NAME(dpfp_pair)(rqj, rk, W, nu, buf, w);
-                const T *p = buf + nu;
-                /* dp_m = g (w_m + u_m), u_m = p_{m+1} + ... + p_{m+nu} */
-                for (long i = 0; i < W; ++i) dp[i] = w[i] + p[i + 1];
-                for (long s = 2; s <= nu; ++s)
-                    for (long i = 0; i < W; ++i) dp[i] += p[i + s];
-                for (long i = 0; i < W; ++i) {
-                    const T d = gj * dp[i];
-                    drk[i] += d * rqj[i];
-                    drqj[i] += d * rk[i];
+                switch (nu) {
+                case 1: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 1, drqj, drk); break;
+                case 2: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 2, drqj, drk); break;
+                case 3: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 3, drqj, drk); break;
+                default: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, nu, drqj, drk);
                 }
             }
             NAME(dpfp_relu_backward)(k + (b * L + t) * D, drk, D, dk + (b * L + t) * D);
