@@ -17,8 +17,8 @@ def generator():
 
 @pytest.fixture(params=["native", "torch"])
 def native_steps(request, monkeypatch):
-    """Run the FWM write's chunk steps, the delta rule's answer, DPFP's and FAVOR+'s kernels
-    and the retrieval model's projection lookups compiled (skipped without a C compiler) or in PyTorch."""
+    """Run the FWM write's chunk steps, the delta rule's answer, DPFP's and FAVOR+'s kernels,
+    the ELU + 1 and tanh maps and the retrieval model's projection lookups compiled (skipped without a C compiler) or in PyTorch."""
     import models.feature_maps as feature_maps
     import models.retrieval as retrieval
     import models.rules.delta as delta

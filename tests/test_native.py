@@ -335,8 +335,9 @@ def short_training_fingerprint() -> list:
     from training.presets import MODEL_PRESETS
     from training.trainer import make_model, make_optimizer
     results = []
-    for preset, setting, S in [("dpfp3", "capacity", 12), ("favor64", "capacity", 10),
-                               ("dpfp1-delta", "overwrite", 8), ("schlag2021-tanh", "overwrite", 6)]:
+    for preset, setting, S in [("linear", "capacity", 10), ("dpfp3", "capacity", 12),
+                               ("favor64", "capacity", 10), ("dpfp1-delta", "overwrite", 8),
+                               ("schlag2021-tanh", "overwrite", 6)]:
         torch.manual_seed(0)
         config = RunConfig(setting=setting, num_pairs=S, **{**MODEL_PRESETS[preset], "batch_size": 4})
         model = make_model(config)
@@ -363,3 +364,40 @@ def test_vector_clones_change_no_float(fresh_library, monkeypatch):
     baseline = short_training_fingerprint()
     assert native._library() is not None and len(list(fresh_library.glob("native-*.so"))) == 2
     assert all(torch.equal(a, b) for a, b in zip(with_clones, baseline))
+
+
+@pytest.mark.parametrize("name", ["linear", "tanh"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 3e-7), (torch.float64, 1e-15)])
+def test_native_pointwise_maps_equal_float64(name, dtype, tol):
+    """ELU + 1 and tanh in one C pass each way (csrc/pointwise_impl.h) against torch's float64
+    forms, value and gradient, over the range where each saturates or hits exp's floor
+    (elu + 1: exp(-87) = 1.6e-38 rather than 0 below x = -87 in float32)."""
+    from models.feature_maps import build_feature_map
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    phi = build_feature_map(name, 4)
+    x = torch.linspace(-120, 120, 48000, dtype=dtype).view(-1, 4).requires_grad_()
+    weight = torch.linspace(-1, 1, x.numel(), dtype=dtype).view_as(x)
+    y = phi(x)
+    (y * weight).sum().backward()
+    exact_x = x.detach().double().requires_grad_()
+    exact = type(phi).reference(exact_x)
+    (exact * weight.double()).sum().backward()
+    # absolute bounds: tanh's 1 - 2 / (e + 1) is as precise as 1's last bit (2e-7)
+    scale = 1.0 if name == "tanh" else exact.abs().clamp(min=1.0)
+    assert ((y.double() - exact).abs() / scale).max() <= tol * 1.5
+    assert ((x.grad.double() - exact_x.grad).abs() / scale).max() <= tol * 1.5
+    assert native.kernel_name() == "native"
+
+
+def test_native_pointwise_maps_spread_a_nan_and_pass_gradcheck(native_steps):
+    from models.feature_maps import build_feature_map
+    for name in ("linear", "tanh"):
+        phi = build_feature_map(name, 3).double()
+        x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(phi, (x,))
+        poisoned = torch.tensor([[0.5, float("nan"), -0.5]], requires_grad=True)
+        y = phi(poisoned)
+        y.sum().backward()
+        assert torch.isnan(y[0, 1]) and torch.isfinite(y[0, [0, 2]]).all()
+        assert torch.isfinite(poisoned.grad[0, [0, 2]]).all()     # the NaN stays in its place

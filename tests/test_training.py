@@ -101,13 +101,14 @@ def test_every_run_records_the_code_that_produced_it():
 
 
 @pytest.mark.parametrize("feature_map,rule", [("tanh", "fwm"), ("linear", "delta"), ("dpfp", "sum"),
-                                              ("favor", "sum")])
+                                              ("favor", "sum"), ("linear", "sum")])
 def test_runs_of_models_with_compiled_steps_record_which_ran(feature_map, rule):
     from models.rules.native import kernel_name
     result = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map=feature_map, rule=rule),
                    progress=False)
     assert result["versions"]["native_steps"] == kernel_name() in ("native", "torch")
-    other = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1), progress=False)
+    other = train(RunConfig(num_pairs=4, max_steps=2, eval_every=1, feature_map="softmax"),
+                  progress=False)
     assert "native_steps" not in other["versions"]
 
 

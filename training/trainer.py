@@ -181,11 +181,11 @@ def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
 
 def native_steps_used(config: RunConfig) -> dict:
     """For models with compiled steps (the FWM write, the delta rule's training answers, DPFP's
-    and FAVOR+'s kernels in the sum rule's attention form), which form ran them: "native" or
-    "torch" (they round differently; models/rules/native.py). Runs train on the CPU in
-    float32."""
-    if config.rule not in ("fwm", "delta") and not (config.rule == "sum"
-                                                    and config.feature_map in ("dpfp", "favor")):
+    and FAVOR+'s kernels in the sum rule's attention form, the ELU + 1 and tanh feature maps),
+    which form ran them: "native" or "torch" (they round differently; models/rules/native.py).
+    Runs train on the CPU in float32."""
+    if (config.rule not in ("fwm", "delta") and config.feature_map not in ("linear", "tanh")
+            and not (config.rule == "sum" and config.feature_map in ("dpfp", "favor"))):
         return {}
     from models.rules.native import kernel_name
     return {"native_steps": kernel_name()}

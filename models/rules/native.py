@@ -15,7 +15,9 @@ a few thousand flops:
   makes one pass per pair, forward and backward, and keeps no block;
 - FAVOR+'s kernel turns the projections [B, Q, L, m] into exp(+-s - c), their sum and their
   difference, which PyTorch makes as eight passes; ``csrc/favor_kernel_impl.h`` makes one,
-  with a float32 exp that vectorises (``csrc/expf_impl.h``).
+  with a float32 exp that vectorises (``csrc/expf_impl.h``);
+- elu(x) + 1 and tanh, the feature maps of Linear and of the tanh FWM, are two passes and a
+  slow exp in PyTorch; ``csrc/pointwise_impl.h`` makes one pass each way.
 All are compiled from ``csrc/steps.c``, which includes each once per precision.
 
 The sources are compiled on first use into one library, with the system's C compiler (``$CC``,
@@ -50,9 +52,10 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "steps.c"]
 HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h",
            CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h", CSRC / "expf_impl.h",
-           CSRC / "favor_kernel_impl.h"]
+           CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
 FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward",
-             "dpfp_kernel_forward", "dpfp_kernel_backward", "favor_kernel_forward"]
+             "dpfp_kernel_forward", "dpfp_kernel_backward", "favor_kernel_forward",
+             "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward"]   # return 1 on a bad id
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
 # reassociation, no contraction); random signs made the branches mispredict half the time.
@@ -139,7 +142,7 @@ def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 def kernel_name() -> str:
     """'native' if the compiled steps (FWM write, delta-rule answers, DPFP and FAVOR+ kernels,
-    projection lookups) run on this machine, else 'torch'."""
+    ELU + 1 and tanh features, projection lookups) run on this machine, else 'torch'."""
     return "native" if _library() is not None else "torch"
 
 
@@ -274,6 +277,23 @@ def favor_kernel_forward(library, s, c, floor: float):
 
     _over_batch(rows, rows * m * 8, run)
     return K
+
+
+def pointwise_forward(library, kind: str, x, floor: float):
+    """phi(x) for kind "elu_plus_one" or "tanh" (csrc/pointwise_impl.h); x contiguous."""
+    y = torch.empty_like(x)
+    real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
+    getattr(library, f"{kind}_forward_{SUFFIX[x.dtype]}")(
+        ctypes.c_long(x.numel()), real(floor), *_pointers(x.dtype, x, y))
+    return y
+
+
+def pointwise_backward(library, kind: str, y, g):
+    """dLoss/dx of ``pointwise_forward`` from its output y and dLoss/dy = g."""
+    dx = torch.empty_like(y)
+    getattr(library, f"{kind}_backward_{SUFFIX[y.dtype]}")(
+        ctypes.c_long(y.numel()), *_pointers(y.dtype, y, g, dx))
+    return dx
 
 
 def _ids(ids: torch.Tensor) -> ctypes.c_void_p:

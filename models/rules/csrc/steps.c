@@ -13,6 +13,8 @@
  *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
  *                        per (query, key) pair (models/feature_maps.py, FAVORKernel); float32
  *                        with expf_impl.h's exp, float64 with libm's
+ *   pointwise_impl.h     elu(x) + 1 and tanh and their backwards, one pass each
+ *                        (models/feature_maps.py, Pointwise)
  * Row-major, contiguous buffers. Compiled without -ffast-math and with -ffp-contract=off, every
  * sum in a fixed order (dot_impl.h), so every machine rounds the same way.
  */
@@ -43,6 +45,7 @@
 #include "gather_add_impl.h"
 #define EXP(x) fixed_expf(x)
 #include "favor_kernel_impl.h"
+#include "pointwise_impl.h"
 #undef EXP
 #undef T
 #undef NAME
@@ -56,6 +59,7 @@
 #include "gather_add_impl.h"
 #define EXP(x) exp(x)
 #include "favor_kernel_impl.h"
+#include "pointwise_impl.h"
 #undef EXP
 #undef T
 #undef NAME
