@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from models.memory import OneHot, per_call_features
 from models.normalisation import normalise
-from models.retrieval import RetrievalModel
+from models.retrieval import ProjectLookup, RetrievalModel
+from models.rules.native import steps
 
 
 def _stack(tensors) -> nn.Parameter:
@@ -138,8 +139,15 @@ class StackedRetrievalModel(nn.Module):
         value_columns = weight[:, :, :S].transpose(1, 2)                        # [M, S, out]
         key_table = torch.baddbmm(bias[:, None, :], self.embedding,
                                   weight[:, :, S:].transpose(1, 2))            # [M, S, out]
-        flat = (value_columns.reshape(M * S, out).index_select(0, self._offsets(values).flatten())
-                + key_table.reshape(M * S, out).index_select(0, self._offsets(keys).flatten()))
+        columns, table = value_columns.reshape(M * S, out), key_table.reshape(M * S, out)
+        value_ids, key_ids = self._offsets(values).flatten(), self._offsets(keys).flatten()
+        library = steps(table)
+        if library is not None and value_ids.dtype == key_ids.dtype == torch.int64:
+            # one C pass, the same floats as the two index_selects (RetrievalModel._project)
+            flat = ProjectLookup.apply(columns.contiguous(), table.contiguous(), value_ids,
+                                       key_ids, library)
+        else:
+            flat = columns.index_select(0, value_ids) + table.index_select(0, key_ids)
         return flat.view(M * keys.shape[1], keys.shape[2], out)
 
     def forward(self, keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:

@@ -18,16 +18,18 @@ def generator():
 @pytest.fixture(params=["native", "torch"])
 def native_steps(request, monkeypatch):
     """Run the FWM write's chunk steps, the delta rule's answer, DPFP's and FAVOR+'s kernels,
-    the ELU + 1 and tanh maps and the retrieval model's projection lookups compiled (skipped without a C compiler) or in PyTorch."""
+    the ELU + 1 and tanh maps and the projection lookups (single and stacked models) compiled
+    (skipped without a C compiler) or in PyTorch."""
     import models.feature_maps as feature_maps
     import models.retrieval as retrieval
     import models.rules.delta as delta
     import models.rules.fwm as fwm
+    import models.stacked as stacked
     from models.rules import native
 
     if request.param == "native" and native._library() is None:
         pytest.skip("no C compiler: the native steps are not built")
     if request.param == "torch":
-        for module in (fwm, delta, feature_maps, retrieval):
+        for module in (fwm, delta, feature_maps, retrieval, stacked):
             monkeypatch.setattr(module, "steps", lambda *tensors: None)
     return request.param

@@ -25,7 +25,8 @@ def members(S, feature_map, rule, **options):
     ("taylor", "sum", {"d_key": 8}, "capacity"),          # equal buffers: shared
     ("softmax", "sum", {}, "capacity"),
 ])
-def test_stacked_equals_members_forward_and_backward(feature_map, rule, options, setting, generator):
+def test_stacked_equals_members_forward_and_backward(feature_map, rule, options, setting, native_steps,
+                                                    generator):
     S = 9
     models = members(S, feature_map, rule, **options)
     stacked = StackedRetrievalModel(models)
