@@ -57,7 +57,8 @@ class MemberFeatureMaps(nn.Module):
         return torch.cat([phi(part) for phi, (part,) in zip(self.members, self._split(x))])
 
     def kernel(self, q: Tensor, k: Tensor) -> Tensor:
-        return torch.cat([phi.kernel(*parts) for phi, parts in zip(self.members, self._split(q, k))])
+        return torch.cat([phi.kernel(*parts)
+                          for phi, parts in zip(self.members, self._split(q, k))])
 
     def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
         if not hasattr(self.members[0], "sum_normalised"):
@@ -116,7 +117,8 @@ class StackedRetrievalModel(nn.Module):
                               if not (random and name.startswith("phi."))}
         reference = shared(memories[0])
         return all(reference.keys() == shared(mem).keys()
-                   and all(torch.equal(reference[name], buffer) for name, buffer in shared(mem).items())
+                   and all(torch.equal(reference[name], buffer)
+                           for name, buffer in shared(mem).items())
                    for mem in memories[1:])
 
     def redraw_features(self, generators: list[torch.Generator | None]) -> None:

@@ -401,3 +401,25 @@ def test_native_pointwise_maps_spread_a_nan_and_pass_gradcheck(native_steps):
         y.sum().backward()
         assert torch.isnan(y[0, 1]) and torch.isfinite(y[0, [0, 2]]).all()
         assert torch.isfinite(poisoned.grad[0, [0, 2]]).all()     # the NaN stays in its place
+
+
+def test_native_pointwise_maps_split_over_threads_change_no_float(monkeypatch, generator):
+    from models.feature_maps import build_feature_map
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    x0 = 3 * torch.randn(7, 13, 5, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count, min_work in ((1, native.PARALLEL_MIN_WORK), (3, 0)):
+            torch.set_num_threads(count)
+            monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
+            for name in ("linear", "tanh"):
+                x = x0.clone().requires_grad_()
+                y = build_feature_map(name, 5)(x)
+                y.backward(torch.ones_like(y))
+                results.append((y.detach(), x.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for (y1, g1), (y3, g3) in zip(results[:2], results[2:]):
+        assert torch.equal(y1, y3) and torch.equal(g1, g3)

@@ -25,9 +25,9 @@ else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastweight-retrieval``, else ``~/.cache/fastweight-retrieval``), under a name
 that hashes the sources, the flags and the machine, so processes sharing the cache never load a
 stale build. No -march=native and no -ffast-math (no reassociation, no fused multiply-add):
-every machine computes the same floats. On x86-64 Linux with gcc the loops also get AVX2 (FAVOR+'s
-also AVX-512) clones picked at load time; they round exactly as the baseline build
-(-DFWR_NO_CLONES), which a test checks. Without a compiler, or with ``FWR_NATIVE=0``,
+every machine computes the same floats. On x86-64 Linux with gcc the loops also get AVX2
+clones (the exp loops also AVX-512) picked at load time; they round exactly as the baseline
+build (-DFWR_NO_CLONES), which a test checks. Without a compiler, or with ``FWR_NATIVE=0``,
 ``steps()`` returns None and the PyTorch forms run (the same arithmetic, rounded differently;
 the projection's lookups alone give the same floats either way); ``kernel_name()`` says which,
 and every stored run of a model with a native form records it.
@@ -279,20 +279,31 @@ def favor_kernel_forward(library, s, c, floor: float):
     return K
 
 
+def _elementwise(function, n: int, tensors, *scalars) -> None:
+    """function(count, *scalars, *pointers) over contiguous tensors of n values each, the values
+    split over torch's threads when there are enough (elementwise: no float changes)."""
+    flat = [x.view(-1) for x in tensors]
+
+    def run(lo: int, hi: int) -> None:
+        function(ctypes.c_long(hi - lo), *scalars,
+                 *_pointers(flat[0].dtype, *(x[lo:hi] for x in flat)))
+
+    _over_batch(n, 8 * n, run)
+
+
 def pointwise_forward(library, kind: str, x, floor: float):
     """phi(x) for kind "elu_plus_one" or "tanh" (csrc/pointwise_impl.h); x contiguous."""
     y = torch.empty_like(x)
     real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
-    getattr(library, f"{kind}_forward_{SUFFIX[x.dtype]}")(
-        ctypes.c_long(x.numel()), real(floor), *_pointers(x.dtype, x, y))
+    _elementwise(getattr(library, f"{kind}_forward_{SUFFIX[x.dtype]}"), x.numel(), (x, y),
+                 real(floor))
     return y
 
 
 def pointwise_backward(library, kind: str, y, g):
     """dLoss/dx of ``pointwise_forward`` from its output y and dLoss/dy = g."""
     dx = torch.empty_like(y)
-    getattr(library, f"{kind}_backward_{SUFFIX[y.dtype]}")(
-        ctypes.c_long(y.numel()), *_pointers(y.dtype, y, g, dx))
+    _elementwise(getattr(library, f"{kind}_backward_{SUFFIX[y.dtype]}"), y.numel(), (y, g, dx))
     return dx
 
 

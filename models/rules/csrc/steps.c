@@ -23,8 +23,9 @@
 #include <string.h>
 
 /* Loops whose every float is independent of the vector width also get AVX2 clones (and AVX-512,
- * WIDE_VECTOR_CLONES, where measured faster: FAVOR+'s exps), chosen at load time (gcc's
- * function multiversioning); elsewhere, or with -DFWR_NO_CLONES, the baseline. */
+ * WIDE_VECTOR_CLONES, where measured faster: the exp loops of FAVOR+ and the pointwise maps),
+ * chosen at load time (gcc's function multiversioning); elsewhere, or with -DFWR_NO_CLONES,
+ * the baseline. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
     && !defined(FWR_NO_CLONES)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
