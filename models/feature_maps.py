@@ -85,7 +85,8 @@ class Identity(FeatureMap):
 class Pointwise(torch.autograd.Function):
     """An elementwise map ("elu_plus_one" or "tanh") in one C pass each way
     (csrc/pointwise_impl.h); the backward needs only the output: min(y, 1) for elu + 1,
-    1 - y^2 for tanh. Not twice differentiable."""
+    1 - y^2 for tanh. Under create_graph the backward is those PyTorch ops on y instead,
+    so second derivatives flow as through F.elu or torch.tanh."""
 
     @staticmethod
     def forward(ctx, x, kind, library):
@@ -95,9 +96,11 @@ class Pointwise(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():                                   # create_graph=True
+            slope = y.clamp_max(1.0) if ctx.kind == "elu_plus_one" else 1 - y * y
+            return grad * slope, None, None
         return pointwise_backward(ctx.library, ctx.kind, y, grad.contiguous()), None, None
 
 

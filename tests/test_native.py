@@ -390,12 +390,12 @@ def test_native_pointwise_maps_equal_float64(name, dtype, tol):
     assert native.kernel_name() == "native"
 
 
-def test_native_pointwise_maps_spread_a_nan_and_pass_gradcheck(native_steps):
+def test_native_pointwise_maps_spread_a_nan_and_pass_gradgradcheck(native_steps):
     from models.feature_maps import build_feature_map
     for name in ("linear", "tanh"):
         phi = build_feature_map(name, 3).double()
         x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(phi, (x,))
+        assert torch.autograd.gradcheck(phi, (x,)) and torch.autograd.gradgradcheck(phi, (x,))
         poisoned = torch.tensor([[0.5, float("nan"), -0.5]], requires_grad=True)
         y = phi(poisoned)
         y.sum().backward()
