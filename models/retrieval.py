@@ -72,22 +72,12 @@ class RetrievalModel(nn.Module):
         return self.memory.state_size()
 
     def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:
-        """linear([onehot(v); e(k)]) as lookups: [B, L] ids -> [B, L, out].
-
-        index_select rather than advanced indexing: its backward is an index_add, where
-        indexing's backward (index_put with accumulate) is several times slower on CPU.
-        """
+        """linear([onehot(v); e(k)]) as lookups (``lookup_sum``): [B, L] ids -> [B, L, out]."""
         S = self.num_pairs
         value_columns = linear.weight[:, :S].T                              # [S, out]
         key_table = torch.addmm(linear.bias, self.embedding.weight,
                                 linear.weight[:, S:].T)                     # [S, out], with bias
-        library = steps(key_table)
-        if library is not None and values.dtype == keys.dtype == torch.int64:
-            flat = ProjectLookup.apply(value_columns.contiguous(), key_table,
-                                       values.flatten(), keys.flatten(), library)
-        else:
-            flat = (value_columns.index_select(0, values.flatten())
-                    + key_table.index_select(0, keys.flatten()))            # [B * L, out]
+        flat = lookup_sum(value_columns, key_table, values.flatten(), keys.flatten())
         return flat.view(*keys.shape, -1)                                   # [B, L, out]
 
     def forward(self, batch: RetrievalBatch) -> Tensor:
@@ -111,6 +101,19 @@ class RetrievalModel(nn.Module):
     def loss(self, batch: RetrievalBatch) -> Tensor:
         """Mean query loss over the real (unmasked) queries."""
         return masked_mean(self.query_losses(batch), batch.query_mask)
+
+
+def lookup_sum(columns: Tensor, table: Tensor, value_ids: Tensor, key_ids: Tensor) -> Tensor:
+    """columns[value_ids] + table[key_ids]: [S, out] tables, [N] ids -> [N, out]; in one C pass
+    (``ProjectLookup``) where the compiled steps run, else two index_selects (the same floats).
+
+    index_select rather than advanced indexing: its backward is an index_add, where
+    indexing's backward (index_put with accumulate) is several times slower on CPU."""
+    library = steps(table)
+    if library is not None and value_ids.dtype == key_ids.dtype == torch.int64:
+        return ProjectLookup.apply(columns.contiguous(), table.contiguous(), value_ids, key_ids,
+                                   library)
+    return columns.index_select(0, value_ids) + table.index_select(0, key_ids)
 
 
 class ProjectLookup(torch.autograd.Function):

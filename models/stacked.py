@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from models.memory import OneHot, per_call_features
 from models.normalisation import normalise
-from models.retrieval import ProjectLookup, RetrievalModel
-from models.rules.native import steps
+from models.retrieval import RetrievalModel, lookup_sum
 
 
 def _stack(tensors) -> nn.Parameter:
@@ -141,15 +140,8 @@ class StackedRetrievalModel(nn.Module):
         value_columns = weight[:, :, :S].transpose(1, 2)                        # [M, S, out]
         key_table = torch.baddbmm(bias[:, None, :], self.embedding,
                                   weight[:, :, S:].transpose(1, 2))            # [M, S, out]
-        columns, table = value_columns.reshape(M * S, out), key_table.reshape(M * S, out)
-        value_ids, key_ids = self._offsets(values).flatten(), self._offsets(keys).flatten()
-        library = steps(table)
-        if library is not None and value_ids.dtype == key_ids.dtype == torch.int64:
-            # one C pass, the same floats as the two index_selects (RetrievalModel._project)
-            flat = ProjectLookup.apply(columns.contiguous(), table.contiguous(), value_ids,
-                                       key_ids, library)
-        else:
-            flat = columns.index_select(0, value_ids) + table.index_select(0, key_ids)
+        flat = lookup_sum(value_columns.reshape(M * S, out), key_table.reshape(M * S, out),
+                          self._offsets(values).flatten(), self._offsets(keys).flatten())
         return flat.view(M * keys.shape[1], keys.shape[2], out)
 
     def forward(self, keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:

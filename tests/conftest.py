@@ -24,12 +24,11 @@ def native_steps(request, monkeypatch):
     import models.retrieval as retrieval
     import models.rules.delta as delta
     import models.rules.fwm as fwm
-    import models.stacked as stacked
     from models.rules import native
 
     if request.param == "native" and native._library() is None:
         pytest.skip("no C compiler: the native steps are not built")
     if request.param == "torch":
-        for module in (fwm, delta, feature_maps, retrieval, stacked):
+        for module in (fwm, delta, feature_maps, retrieval):
             monkeypatch.setattr(module, "steps", lambda *tensors: None)
     return request.param
