@@ -83,13 +83,16 @@ def test_only_cpu_float_tensors():
     assert seen == [None]                              # a batched tensor has no plain buffer
 
 
+# D_v = 9: the steps' short blocks and scalar tail; 75: their full register block (64 floats,
+# 32 doubles) as well.
+@pytest.mark.parametrize("D_v", [9, 75])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
-def test_native_steps_equal_the_torch_loop(dtype, tol, monkeypatch, generator):
+def test_native_steps_equal_the_torch_loop(dtype, tol, D_v, monkeypatch, generator):
     """Forward and backward, with the clip active, several chunks and a ragged last one; the keys
     come in as a non-contiguous view, as the model's projections can."""
     if native.steps(torch.zeros(1, dtype=dtype)) is None:
         pytest.skip("no C compiler: the native FWM steps are not built")
-    B, L, D_k, D_v = 5, 75, 12, 9
+    B, L, D_k = 5, 75, 12
     base = 2 * torch.randn(B, D_k, L, generator=generator, dtype=dtype)
     v = torch.randn(B, L, D_v, generator=generator, dtype=dtype)
     beta = torch.rand(B, L, generator=generator, dtype=dtype)

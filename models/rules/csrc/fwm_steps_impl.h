@@ -1,6 +1,35 @@
 /* One precision of the FWM steps: included by steps.c with T (float or double) and
  * NAME(x) (x suffixed with f32 or f64) defined. */
 
+/* out[d] = sum_{s<n} w[s * w_stride] X[s * D + d] for d < D, summed over s in order from
+ * zero (the floats of the plain loop `out[d] += w_s X_sd`), with a block of columns held in
+ * vector registers across s instead of reloading and storing out[] once per row. */
+typedef T NAME(vec) __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
+static inline __attribute__((always_inline)) void NAME(weighted_rows)(long n, long D, const T *w, long w_stride, const T *X,
+                                       T *out) {
+    const long lanes = (long)(sizeof(NAME(vec)) / sizeof(T));
+    long d = 0;
+    for (; d + 8 * lanes <= D; d += 8 * lanes) {
+        NAME(vec) acc[8] = {{0}};
+        for (long s = 0; s < n; ++s) {
+            const T ws = w[s * w_stride];
+            const NAME(vec) *x = (const NAME(vec) *)(X + s * D + d);
+            for (int i = 0; i < 8; ++i) acc[i] += ws * x[i];
+        }
+        for (int i = 0; i < 8; ++i) ((NAME(vec) *)(out + d))[i] = acc[i];
+    }
+    for (; d + lanes <= D; d += lanes) {
+        NAME(vec) acc = {0};
+        for (long s = 0; s < n; ++s) acc += w[s * w_stride] * *(const NAME(vec) *)(X + s * D + d);
+        *(NAME(vec) *)(out + d) = acc;
+    }
+    for (; d < D; ++d) {
+        T acc = 0;
+        for (long s = 0; s < n; ++s) acc += w[s * w_stride] * X[s * D + d];
+        out[d] = acc;
+    }
+}
+
 /* Forward. In: G [B,C,C], hk [B,C], R0 [B,C,D] or NULL, V [B,C,D], b [B,C], n [B] (in/out),
  * first (1: the chunk opens the sequence; its first write is not clipped).
  * Out: E [B,C,C] (E_ts, s < t; 1 on the diagonal, 0 above), w [B,C,C] (G_ts E_ts, s < t),
@@ -20,19 +49,17 @@ void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *hk, const T 
         for (long t = 0; t < C; ++t) {
             T *Et = Ei + t * C, *wt = wi + t * C, *rt = ri + t * D, *ut = Ui + t * D;
             Et[t] = 1;
-            for (long d = 0; d < D; ++d) rt[d] = 0;
             if (t > 0) {                       /* r_t = sum_{s<t} w_ts u_s (+ g_t R0_t below) */
                 const T *Ep = Ei + (t - 1) * C, cp = ci[t - 1];
                 for (long s = 0; s < t; ++s) {
                     Et[s] = Ep[s] * cp;
                     wt[s] = Gi[t * C + s] * Et[s];
-                    const T ws = wt[s], *us = Ui + s * D;
-                    for (long d = 0; d < D; ++d) rt[d] += ws * us[d];
                 }
                 gi[t] = gi[t - 1] * cp;
             } else {
                 gi[t] = 1;
             }
+            NAME(weighted_rows)(t, D, wt, 1, Ui, rt);
             if (R0i) {
                 const T gt = gi[t], *R0t = R0i + t * D;
                 for (long d = 0; d < D; ++d) rt[d] += R0t[d] * gt;
@@ -71,11 +98,8 @@ void NAME(fwm_backward)(long B, long C, long D, const T *Ubd, const T *wn, const
             const T nb = nbar * lowi[j] - clipi[j] * (cdi[j] + phi);
             const T *Uj = Ui + j * D, *rj = ri + j * D, *wnj = wni + j * D, *Ubdj = Ubdi + j * D;
             T *ub = Ubi + j * D, *rb = Rbi + j * D;
-            for (long d = 0; d < D; ++d) ub_reads[d] = 0;
-            for (long t = j + 1; t < C; ++t) {  /* sum_{t>j} w_tj rb_t */
-                const T wtj = wi[t * C + j], *Rbt = Rbi + t * D;
-                for (long d = 0; d < D; ++d) ub_reads[d] += wtj * Rbt[d];
-            }
+            /* sum_{t>j} w_tj rb_t */
+            NAME(weighted_rows)(C - 1 - j, D, wi + (j + 1) * C + j, C, Rbi + (j + 1) * D, ub_reads);
             const T bj = bi[j];
             for (long d = 0; d < D; ++d) {
                 ub[d] = Ubdj[d] + wnj[d] * nb + ub_reads[d];
