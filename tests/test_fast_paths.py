@@ -177,6 +177,34 @@ def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, native_steps
         assert reference[0].flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)
 
 
+def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator, native_steps):
+    """Blocks of sequences (what keeps a block's states in cache) give the whole batch's forward,
+    gradients and evaluation, blocks ragged. Up to the last bit: a block that starts off a
+    64-byte boundary can round MKL's products differently."""
+    import models.rules.fwm as fwm
+    B, L, D_k, D_v = 7, 40, 6, 5
+    k = 2 * torch.randn(B, L, D_k, generator=generator)
+    v = F.one_hot(torch.randint(0, D_v, (B, L), generator=generator), D_v).float()
+    beta = torch.rand(B, L, generator=generator)
+
+    def run():
+        inputs = (k.clone().requires_grad_(), v, beta.clone().requires_grad_())
+        S = fwm_write(*inputs, 16)
+        (S * torch.arange(D_k * D_v).view(D_k, D_v)).sum().backward()
+        with torch.no_grad():
+            return S.detach(), inputs[0].grad, inputs[2].grad, fwm_write(*inputs, 16)
+
+    whole = run()
+    monkeypatch.setattr(fwm, "STATE_BLOCK_BYTES", 3 * D_k * D_v * 4)          # blocks of 3, 3, 1
+    calls = []
+    monkeypatch.setattr(fwm.FWMWrite, "apply", lambda *a, original=fwm.FWMWrite.apply:
+                        calls.append(a[0].shape[0]) or original(*a))
+    blocked = run()
+    assert calls == [3, 3, 1]
+    for a, b in zip(whole, blocked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_fwm_write_gradcheck(generator, native_steps):
     k = (2 * torch.randn(2, 8, 3, generator=generator, dtype=torch.float64)).requires_grad_()
     v = torch.randn(2, 8, 2, generator=generator, dtype=torch.float64, requires_grad=True)
