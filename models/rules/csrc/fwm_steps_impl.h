@@ -5,8 +5,8 @@
  * zero (the floats of the plain loop `out[d] += w_s X_sd`), with a block of columns held in
  * vector registers across s instead of reloading and storing out[] once per row. */
 typedef T NAME(vec) __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
-static inline __attribute__((always_inline)) void NAME(weighted_rows)(long n, long D, const T *w, long w_stride, const T *X,
-                                       T *out) {
+static inline __attribute__((always_inline))
+void NAME(weighted_rows)(long n, long D, const T *w, long w_stride, const T *X, T *out) {
     const long lanes = (long)(sizeof(NAME(vec)) / sizeof(T));
     long d = 0;
     for (; d + 8 * lanes <= D; d += 8 * lanes) {
