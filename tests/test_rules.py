@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from models.rules.delta import delta_rule_chunkwise_autograd
 from models.rules import (delta_rule_chunkwise, delta_rule_recurrent, fwm_recurrent, fwm_write,
                           linear_attention_parallel, linear_attention_recurrent)
 
@@ -68,6 +69,41 @@ def test_delta_chunkwise_equals_recurrent_equals_loop(L, chunk, beta_range, gene
     for a, b, c in zip(g_loop, g_rec, g_chunk):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(c, a, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("L,chunk", [(37, 8), (40, 64), (64, 16), (3, 1)])
+def test_delta_chunkwise_hand_written_backward_equals_loop_and_autograd(L, chunk, generator):
+    """DeltaRuleChunkwise (what a gradient runs through) from an initial state: outputs, final
+    state and every gradient, the initial state's included, against the float64 loop continued
+    from that state, and against autograd through the same chunks."""
+    q, k, v, beta = inputs(2, L, 7, 5, generator)
+    S_init = (0.3 * torch.randn(2, 7, 5, generator=generator, dtype=torch.float64)).requires_grad_()
+    leaves = (q, k, v, beta, S_init)
+    o, S = delta_rule_chunkwise(q, k, v, beta, chunk, initial_state=S_init)
+    assert type(o.grad_fn).__name__ == "DeltaRuleChunkwiseBackward"
+    o_ref, S_ref = delta_rule_recurrent(q, k, v, beta, initial_state=S_init)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
+    w_o = torch.randn(o.shape, generator=generator, dtype=o.dtype)
+    w_S = torch.randn(S.shape, generator=generator, dtype=S.dtype)
+    for uses in ((1, 1), (1, 0), (0, 1)):                  # unused outputs get zero gradients
+        loss = lambda o, S: uses[0] * (o * w_o).sum() + uses[1] * (S * w_S).sum()
+        ours = torch.autograd.grad(loss(*delta_rule_chunkwise(q, k, v, beta, chunk, S_init)), leaves)
+        ref = torch.autograd.grad(loss(*delta_rule_recurrent(q, k, v, beta, S_init)), leaves)
+        auto = torch.autograd.grad(loss(*delta_rule_chunkwise_autograd(q, k, v, beta, chunk, S_init)),
+                                   leaves)
+        for a, b, c in zip(ours, ref, auto):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_delta_chunkwise_without_gradient_runs_the_autograd_form(generator):
+    q, k, v, beta = (x.detach() for x in inputs(2, 9, 4, 3, generator))
+    o, S = delta_rule_chunkwise(q, k, v, beta, 4)
+    assert o.grad_fn is None
+    o_ref, S_ref = delta_rule_recurrent(q, k, v, beta)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_delta_chunkwise_float32_close_to_float64(generator):

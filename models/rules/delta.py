@@ -21,7 +21,10 @@ Only the loop over chunks is sequential. Forms, each checked against the plain l
 ``delta_rule_recurrent`` (tests/test_rules.py, tests/test_fast_paths.py):
 
     delta_rule_recurrent       reference loop over positions
-    delta_rule_chunkwise       chunkwise form, dense values, outputs and final state
+    delta_rule_chunkwise       chunkwise form, dense values, outputs and final state; with a
+                               gradient to compute, a hand-written backward
+                               (``DeltaRuleChunkwise``), else autograd through
+                               ``delta_rule_chunkwise_autograd``
     delta_rule_write_one_hot   chunkwise final state only, for one-hot values v_t = e_{id_t}:
                                diag(beta) V is then a scatter, so U = T diag(beta) V costs
                                O(C^2) per chunk instead of O(C^2 D_v) (plain autograd)
@@ -86,6 +89,22 @@ def delta_rule_chunkwise(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
                          chunk_size: int = DEFAULT_CHUNK, initial_state: Tensor | None = None):
     """Chunkwise form; same arguments and results as ``delta_rule_recurrent``.
 
+    With outputs and a gradient to compute, ``DeltaRuleChunkwise`` (hand-written backward);
+    otherwise, and under torch.func transforms (vmap), ``delta_rule_chunkwise_autograd``."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, beta, initial_state))
+    if (q is not None and k.shape[1] > 0 and needs_grad
+            and not torch._C._are_functorch_transforms_active()):
+        return DeltaRuleChunkwise.apply(q, k, v, beta, initial_state, int(chunk_size))
+    return delta_rule_chunkwise_autograd(q, k, v, beta, chunk_size, initial_state)
+
+
+def delta_rule_chunkwise_autograd(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
+                                  chunk_size: int = DEFAULT_CHUNK,
+                                  initial_state: Tensor | None = None):
+    """Chunkwise form differentiated by autograd; same arguments and results as
+    ``delta_rule_recurrent``.
+
     Everything that does not depend on the entering state (T, diag(b) V, diag(b) K, the masked
     Q K^T) is computed for all chunks at once, as [B * N, C, C] batches; only the state
     recurrence loops over chunks. Chunks come from views/``split`` (one backward op each), not
@@ -131,6 +150,122 @@ def delta_rule_chunkwise(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
     if S is None:                                                      # L = 0
         S = k.new_zeros(B, D_k, D_v)
     return (torch.cat(outputs, dim=1) if q is not None else None), S
+
+
+class DeltaRuleChunkwise(torch.autograd.Function):
+    """Outputs and final state of the chunkwise delta rule with a hand-written backward
+    (what ``delta_rule_chunkwise`` runs when a gradient is needed).
+
+    Forward per chunk (entering state S0; bK = diag(b) K, bV = diag(b) V, P = [bK; Q] S0 as
+    one product):  X = bV - bK S0,  U = T X,  O = tril(Q K^T) U + Q S0,  S1 = S0 + K^T U.
+    Backward per chunk, given H = dS1 and dO (``Z = [-dX; dO]``):
+        dU = tril(Q K^T)^T dO + K H,   dX = T^T dU,   dK += U H^T
+        [dbK; dQ] += Z S0^T,   dS0 = H + [bK; Q]^T Z               (the only sequential part)
+    and afterwards, for all chunks at once: dT = dU X^T, dA = -tril(T^T dT T^T, -1) as in
+    ``DeltaRuleWrite``, dQK = tril(dO U^T), dV = diag(b) dX, db = rowsum(dX V + dbK K + dA G).
+    Against autograd through the same loop: one product [bK; Q] S0 and one [bK; Q]^T Z per
+    chunk instead of two each, and no state-sized sums of gradient parts. Keeps each chunk's
+    entering state, as autograd does. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, initial_state, chunk_size):
+        B, L, D_k = k.shape
+        groups = _chunk_groups(L, chunk_size)
+        S = initial_state
+        outputs, saved = [], []
+        for start, n, C in groups:
+            g = _group_tensors(q, k, v, beta, start, n, C)
+            U_list, X_list, S0_list = [], [], []
+            for j in range(n):
+                K, T, bV, QK = g["K"][:, j], g["T"][:, j], g["bV"][:, j], g["QK"][:, j]
+                if S is None:
+                    X = bV
+                    U = T @ X
+                    O = QK @ U
+                    S0_list.append(None)
+                    S = K.transpose(1, 2) @ U
+                else:
+                    P = g["BQ"][:, j] @ S                                 # [B, 2C, D_v]
+                    X = bV - P[:, :C]
+                    U = T @ X
+                    O = torch.baddbmm(P[:, C:], QK, U)
+                    S0_list.append(S)
+                    S = torch.baddbmm(S, K.transpose(1, 2), U)
+                U_list.append(U)
+                X_list.append(X)
+                outputs.append(O)
+            g["U"], g["X"] = torch.stack(U_list, 1), torch.stack(X_list, 1)   # [B, n, C, D_v]
+            saved.append((start, n, C, g, S0_list))
+        ctx.saved = saved
+        ctx.shape = (B, L, D_k, v.shape[2])
+        ctx.save_for_backward(q, k, v, beta)
+        return torch.cat(outputs, dim=1), S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dO, dS):
+        q, k, v, beta = ctx.saved_tensors
+        B, L, D_k, D_v = ctx.shape
+        H = dS
+        grads = []                                                        # per group, last first
+        for start, n, C, g, S0_list in reversed(ctx.saved):
+            dO_g = dO[:, start:start + n * C].reshape(B, n, C, D_v)
+            Y = g["QK"].transpose(2, 3) @ dO_g                            # [B, n, C, D_v]
+            Tn = g["T"].transpose(2, 3).neg()                             # -T^T
+            dU_list, nX_list, dKS_list, PZ_list = [], [], [], []
+            for j in range(n - 1, -1, -1):
+                dU = torch.baddbmm(Y[:, j], g["K"][:, j], H)             # [B, C, D_v]
+                dKS_list.append(g["U"][:, j] @ H.transpose(1, 2))       # [B, C, D_k]
+                nX = Tn[:, j] @ dU                                        # -dX
+                S0 = S0_list[j]
+                if S0 is not None:
+                    Z = torch.cat([nX, dO_g[:, j]], dim=1)                # [B, 2C, D_v]
+                    PZ_list.append(Z @ S0.transpose(1, 2))                # [B, 2C, D_k]: [dbK; dQ]
+                    H = torch.baddbmm(H, g["BQ"][:, j].transpose(1, 2), Z)
+                else:
+                    PZ_list.append(k.new_zeros(B, 2 * C, D_k))
+                    H = None
+                dU_list.append(dU)
+                nX_list.append(nX)
+            rev = lambda xs: torch.stack(xs[::-1], 1)
+            dU, nX, dK, PZ = rev(dU_list), rev(nX_list), rev(dKS_list), rev(PZ_list)
+            K, Q, b, T = g["K"], g["Q"], g["b"], g["T"]
+            dbK, dQ = PZ[:, :, :C], PZ[:, :, C:]
+            dQK = (dO_g @ g["U"].transpose(2, 3)).tril()                 # [B, n, C, C]
+            dT = dU @ g["X"].transpose(2, 3)
+            dA = (Tn @ dT @ Tn).tril(-1).neg_()                           # T^T dT T^T = Tn dT Tn
+            G = K @ K.transpose(2, 3)
+            dG = b * dA
+            dK = dK + b * dbK + (dG + dG.transpose(2, 3)) @ K + dQK.transpose(2, 3) @ Q
+            dQ = dQ + dQK @ K
+            V = v[:, start:start + n * C].reshape(B, n, C, D_v)
+            db = (dA * G).sum(-1) - (nX * V).sum(-1) + (dbK * K).sum(-1)  # [B, n, C]
+            grads.append((dQ.reshape(B, n * C, D_k), dK.reshape(B, n * C, D_k),
+                          (-b * nX).reshape(B, n * C, D_v), db.reshape(B, n * C)))
+        dq, dk, dv, dbeta = (torch.cat(parts[::-1], dim=1) for parts in zip(*grads))
+        return dq, dk, dv, dbeta, H, None
+
+
+def _chunk_groups(L: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(start, number of chunks, chunk length) of the full chunks and of a shorter last one."""
+    C = min(chunk_size, L)
+    N = L // C
+    groups = [(0, N, C)]
+    if L > N * C:
+        groups.append((N * C, 1, L - N * C))
+    return groups
+
+
+def _group_tensors(q, k, v, beta, start: int, n: int, C: int) -> dict:
+    """The state-independent tensors of n chunks of C positions from `start`, as
+    [B, n, C, ...] batches: K, Q, b, T, bV, BQ = [diag(b) K; Q] ([B, n, 2C, D_k]), tril(Q K^T)."""
+    B = k.shape[0]
+    part = lambda x: x[:, start:start + n * C].reshape(B, n, C, x.shape[-1])
+    K, Q, V, b = part(k), part(q), part(v), part(beta[:, :, None])
+    T = chunk_transform(K.reshape(B * n, C, -1), b.reshape(B * n, C, 1)).view(B, n, C, C)
+    return dict(K=K, Q=Q, b=b, T=T, bV=b * V, BQ=torch.cat([b * K, Q], dim=2),
+                QK=(Q @ K.transpose(2, 3)).tril())
 
 
 def delta_rule_write_one_hot(k: Tensor, ids: Tensor, d_value: int, beta: Tensor,
