@@ -181,6 +181,7 @@ def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator
     """Blocks of sequences (what keeps a block's states in cache) give the whole batch's forward,
     gradients and evaluation, blocks ragged. Up to the last bit: a block that starts off a
     64-byte boundary can round MKL's products differently."""
+    import models.rules.blocks as blocks
     import models.rules.fwm as fwm
     B, L, D_k, D_v = 7, 40, 6, 5
     k = 2 * torch.randn(B, L, D_k, generator=generator)
@@ -195,7 +196,7 @@ def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator
             return S.detach(), inputs[0].grad, inputs[2].grad, fwm_write(*inputs, 16)
 
     whole = run()
-    monkeypatch.setattr(fwm, "STATE_BLOCK_BYTES", 3 * D_k * D_v * 4)          # blocks of 3, 3, 1
+    monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", 3 * D_k * D_v * 4)          # blocks of 3, 3, 1
     calls = []
     monkeypatch.setattr(fwm.FWMWrite, "apply", lambda *a, original=fwm.FWMWrite.apply:
                         calls.append(a[0].shape[0]) or original(*a))
@@ -203,6 +204,33 @@ def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator
     assert calls == [3, 3, 1]
     for a, b in zip(whole, blocked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_delta_chunkwise_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator):
+    """The delta rule's outputs form in blocks of sequences (ragged, an initial state split
+    with them) gives the whole batch's outputs, state and gradients."""
+    import models.rules.blocks as blocks
+    import models.rules.delta as delta
+    B, L, D_k, D_v = 7, 21, 6, 5
+    f64 = dict(generator=generator, dtype=torch.float64)
+    tensors = [torch.randn(B, L, D_k, **f64), torch.rand(B, L, D_k, **f64),
+               torch.randn(B, L, D_v, **f64), torch.rand(B, L, **f64), torch.randn(B, D_k, D_v, **f64)]
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in tensors]
+        o, S = delta_rule_chunkwise(*leaves[:4], 8, initial_state=leaves[4])
+        ((o * o).sum() + (S * S).sum()).backward()
+        return [o.detach(), S.detach()] + [x.grad for x in leaves]
+
+    whole = run()
+    monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", 3 * D_k * D_v * 8)          # blocks of 3, 3, 1
+    calls = []
+    monkeypatch.setattr(delta.DeltaRuleChunkwise, "apply", lambda *a, original=delta.DeltaRuleChunkwise.apply:
+                        calls.append(a[0].shape[0]) or original(*a))
+    blocked = run()
+    assert calls == [3, 3, 1]
+    for a, b in zip(whole, blocked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_fwm_write_gradcheck(generator, native_steps):

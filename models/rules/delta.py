@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from models.rules.base import UpdateRule
+from models.rules.blocks import block_size, in_blocks
 from models.rules.native import delta_answer_backward, delta_answer_forward, steps
 
 # Measured on the 2-core CPU (B = 32, D_k = 128, L = 40..400): C = 32 was fastest or within noise
@@ -89,13 +90,15 @@ def delta_rule_chunkwise(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
                          chunk_size: int = DEFAULT_CHUNK, initial_state: Tensor | None = None):
     """Chunkwise form; same arguments and results as ``delta_rule_recurrent``.
 
-    With outputs and a gradient to compute, ``DeltaRuleChunkwise`` (hand-written backward);
-    otherwise, and under torch.func transforms (vmap), ``delta_rule_chunkwise_autograd``."""
+    With outputs and a gradient to compute, ``DeltaRuleChunkwise`` (hand-written backward), on
+    blocks of sequences whose states fit in L2 (models/rules/blocks.py); otherwise, and under torch.func transforms (vmap), ``delta_rule_chunkwise_autograd``."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, beta, initial_state))
     if (q is not None and k.shape[1] > 0 and needs_grad
             and not torch._C._are_functorch_transforms_active()):
-        return DeltaRuleChunkwise.apply(q, k, v, beta, initial_state, int(chunk_size))
+        block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size())
+        return in_blocks(lambda *parts: DeltaRuleChunkwise.apply(*parts, int(chunk_size)),
+                         block, q, k, v, beta, initial_state)          # states in L2
     return delta_rule_chunkwise_autograd(q, k, v, beta, chunk_size, initial_state)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.rules.base import UpdateRule
+from models.rules.blocks import block_size, in_blocks
 from models.rules.native import backward_steps, forward_steps, steps
 
 def _clip_factor(norm: Tensor) -> Tensor:
@@ -258,16 +259,6 @@ class FWMWrite(torch.autograd.Function):
         return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None
 
 
-# Sequences are written in blocks whose states together fill about this many bytes, so that a
-# block's states stay in a core's L2 cache through each chunk's products and passes instead of
-# streaming the whole batch's from memory at every chunk. Measured on the 2-core CPU, forward +
-# backward: B = 128, L = 400, D_k = 64, D_v = 200: 253 ms whole, 213 in blocks of 20; B = 32,
-# D_k = 128: 92 and 89 ms (blocks of 10); L = 200, D_v = 100: 79 and 68 ms (blocks of 40).
-# Sequences are independent: blocks give the whole batch's floats, except that MKL may round a
-# product in the last bit differently for a block that starts off a 64-byte boundary.
-STATE_BLOCK_BYTES = 1 << 20
-
-
 def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tensor:
     """Final FWM state S_L [B, D_k, D_v] by ``FWMWrite`` (lazy reads, hand-written backward).
 
@@ -278,11 +269,9 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
         return k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
     if torch._C._are_functorch_transforms_active():
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
-    block = max(1, STATE_BLOCK_BYTES // (k.shape[2] * v.shape[2] * k.element_size()))
-    if k.shape[0] > block:
-        block = -(-k.shape[0] // -(-k.shape[0] // block))      # blocks of nearly equal size
-        return torch.cat([fwm_write(*parts, chunk_size) for parts in
-                          zip(k.split(block), v.split(block), beta.split(block))])
+    block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size())
+    if k.shape[0] > block:                                     # states in L2 (rules/blocks.py)
+        return in_blocks(lambda *parts: fwm_write(*parts, chunk_size), block, k, v, beta)
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
         # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
         native = steps(k, v, beta)
