@@ -70,7 +70,11 @@ class PairScores(torch.autograd.Function):
     def backward(ctx, grad):
         q, k = ctx.saved_tensors
         d_q = grad @ k if ctx.needs_input_grad[0] else None                    # [B, Q, D]
-        d_k = grad.transpose(1, 2) @ q if ctx.needs_input_grad[1] else None    # [B, L, D]
+        d_k = None
+        if ctx.needs_input_grad[1]:                                             # [B, L, D]
+            # One query (training): an outer product, 3-4x faster as a broadcast product than
+            # as a batched matrix product with inner size 1; the same floats.
+            d_k = grad.transpose(1, 2) * q if q.shape[1] == 1 else grad.transpose(1, 2) @ q
         return d_q, d_k
 
 

@@ -504,5 +504,7 @@ def test_pair_scores_equal_the_product_of_matrices(num_queries, generator):
     torch.testing.assert_close(scores, q @ k.transpose(1, 2), rtol=0, atol=0)
     d_q, d_k = torch.autograd.grad(scores.pow(2).sum(), (q, k))
     assert d_k.is_contiguous()
+    for ours, plain in zip((d_q, d_k), torch.autograd.grad((q @ k.transpose(1, 2)).pow(2).sum(), (q, k))):
+        torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(pair_scores, (q, k))
     assert torch.autograd.gradgradcheck(pair_scores, (q, k))
