@@ -79,9 +79,14 @@ def chunk_transform(K: Tensor, b: Tensor) -> Tensor:
     Formed explicitly by a unit-triangular solve against I (measured faster than solving
     against the wide right-hand side directly, and T is reused).
     """
-    B, C, _ = K.shape
-    eye = torch.eye(C, dtype=K.dtype, device=K.device)
-    A = (b * (K @ K.transpose(1, 2))).tril(-1)                         # [B, C, C]
+    return transform_from_gram(K @ K.transpose(1, 2), b)
+
+
+def transform_from_gram(G: Tensor, b: Tensor) -> Tensor:
+    """``chunk_transform`` from the chunk's Gram matrix G = K K^T [B, C, C]."""
+    B, C, _ = G.shape
+    eye = torch.eye(C, dtype=G.dtype, device=G.device)
+    A = (b * G).tril(-1)                                               # [B, C, C]
     return torch.linalg.solve_triangular(eye + A, eye.expand(B, C, C), upper=False,
                                          unitriangular=True)
 
@@ -213,7 +218,7 @@ class DeltaRuleChunkwise(torch.autograd.Function):
         H = dS
         grads = []                                                        # per group, last first
         for start, n, C, g, S0_list in reversed(ctx.saved):
-            dO_g = dO[:, start:start + n * C].reshape(B, n, C, D_v)
+            dO_g = dO[:, start:start + n * C].reshape(B, n, C, D_v).contiguous()
             Y = g["QK"].transpose(2, 3) @ dO_g                            # [B, n, C, D_v]
             Tn = g["T"].transpose(2, 3).neg()                             # -T^T
             dU_list, nX_list, dKS_list, PZ_list = [], [], [], []
@@ -233,15 +238,16 @@ class DeltaRuleChunkwise(torch.autograd.Function):
                 nX_list.append(nX)
             rev = lambda xs: torch.stack(xs[::-1], 1)
             dU, nX, dK, PZ = rev(dU_list), rev(nX_list), rev(dKS_list), rev(PZ_list)
-            K, Q, b, T = g["K"], g["Q"], g["b"], g["T"]
+            K, Q, b, G = g["K"], g["Q"], g["b"], g["G"]
             dbK, dQ = PZ[:, :, :C], PZ[:, :, C:]
             dQK = (dO_g @ g["U"].transpose(2, 3)).tril()                 # [B, n, C, C]
             dT = dU @ g["X"].transpose(2, 3)
             dA = (Tn @ dT @ Tn).tril(-1).neg_()                           # T^T dT T^T = Tn dT Tn
-            G = K @ K.transpose(2, 3)
             dG = b * dA
-            dK = dK + b * dbK + (dG + dG.transpose(2, 3)) @ K + dQK.transpose(2, 3) @ Q
-            dQ = dQ + dQK @ K
+            flat = lambda x: x.reshape(B * n, x.shape[2], x.shape[3])   # views here
+            dK3 = flat(dK.addcmul_(b, dbK))                               # the stack's own copy
+            dK3.baddbmm_(flat(dG + dG.transpose(2, 3)), flat(K)).baddbmm_(flat(dQK).transpose(1, 2), flat(Q))
+            dQ = torch.baddbmm(flat(dQ), flat(dQK), flat(K)).view(B, n, C, D_k)
             V = v[:, start:start + n * C].reshape(B, n, C, D_v)
             db = (dA * G).sum(-1) - (nX * V).sum(-1) + (dbK * K).sum(-1)  # [B, n, C]
             grads.append((dQ.reshape(B, n * C, D_k), dK.reshape(B, n * C, D_k),
@@ -262,12 +268,15 @@ def _chunk_groups(L: int, chunk_size: int) -> list[tuple[int, int, int]]:
 
 def _group_tensors(q, k, v, beta, start: int, n: int, C: int) -> dict:
     """The state-independent tensors of n chunks of C positions from `start`, as
-    [B, n, C, ...] batches: K, Q, b, T, bV, BQ = [diag(b) K; Q] ([B, n, 2C, D_k]), tril(Q K^T)."""
+    [B, n, C, ...] batches: K, Q, b, G = K K^T, T, bV, BQ = [diag(b) K; Q] ([B, n, 2C, D_k]), tril(Q K^T)."""
     B = k.shape[0]
-    part = lambda x: x[:, start:start + n * C].reshape(B, n, C, x.shape[-1])
+    # Contiguous (one copy where the chunks do not cover the sequence): the [B, n, ...] batched
+    # products below would otherwise each copy their operands into [B * n, ...] batches.
+    part = lambda x: x[:, start:start + n * C].reshape(B, n, C, x.shape[-1]).contiguous()
     K, Q, V, b = part(k), part(q), part(v), part(beta[:, :, None])
-    T = chunk_transform(K.reshape(B * n, C, -1), b.reshape(B * n, C, 1)).view(B, n, C, C)
-    return dict(K=K, Q=Q, b=b, T=T, bV=b * V, BQ=torch.cat([b * K, Q], dim=2),
+    G = K @ K.transpose(2, 3)                                          # [B, n, C, C]
+    T = transform_from_gram(G.view(B * n, C, C), b.view(B * n, C, 1)).view(B, n, C, C)
+    return dict(K=K, Q=Q, b=b, G=G, T=T, bV=b * V, BQ=torch.cat([b * K, Q], dim=2),
                 QK=(Q @ K.transpose(2, 3)).tril())
 
 
