@@ -206,6 +206,17 @@ def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_block_size_evens_out_blocks_and_keeps_a_gpu_batch_whole(monkeypatch):
+    import models.rules.blocks as blocks
+    monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", 1000)
+    cpu = torch.device("cpu")
+    assert blocks.block_size(7, 100, cpu) == 7                # 10 states fit: one block
+    assert blocks.block_size(128, 100, cpu) == 10             # 13 blocks of 10 or fewer
+    assert blocks.block_size(21, 100, cpu) == 7               # 3 blocks of 7, not 10, 10, 1
+    assert blocks.block_size(5, 5000, cpu) == 1               # a state larger than the budget
+    assert blocks.block_size(128, 100, torch.device("cuda")) == 128
+
+
 def test_delta_chunkwise_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator):
     """The delta rule's outputs form in blocks of sequences (ragged, an initial state split
     with them) gives the whole batch's outputs, state and gradients."""

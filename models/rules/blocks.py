@@ -18,11 +18,12 @@ import torch
 STATE_BLOCK_BYTES = 1 << 20
 
 
-def block_size(batch: int, state_bytes: int) -> int:
+def block_size(batch: int, state_bytes: int, device: torch.device) -> int:
     """Sequences per block for states of `state_bytes` each: blocks of nearly equal size
-    (ragged sizes evened out), the whole batch when it fits."""
+    (ragged sizes evened out), the whole batch when it fits or off the CPU (a GPU wants the
+    whole batch in one launch)."""
     block = max(1, STATE_BLOCK_BYTES // max(1, state_bytes))
-    if batch <= block:
+    if batch <= block or device.type != "cpu":
         return batch
     return -(-batch // -(-batch // block))
 

@@ -96,12 +96,14 @@ def delta_rule_chunkwise(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor,
     """Chunkwise form; same arguments and results as ``delta_rule_recurrent``.
 
     With outputs and a gradient to compute, ``DeltaRuleChunkwise`` (hand-written backward), on
-    blocks of sequences whose states fit in L2 (models/rules/blocks.py); otherwise, and under torch.func transforms (vmap), ``delta_rule_chunkwise_autograd``."""
+    blocks of sequences whose states fit in L2 (models/rules/blocks.py); otherwise, and under
+    torch.func transforms (vmap), ``delta_rule_chunkwise_autograd``. The hand-written backward
+    is not twice differentiable: for second derivatives call the autograd form directly."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, beta, initial_state))
     if (q is not None and k.shape[1] > 0 and needs_grad
             and not torch._C._are_functorch_transforms_active()):
-        block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size())
+        block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size(), k.device)
         return in_blocks(lambda *parts: DeltaRuleChunkwise.apply(*parts, int(chunk_size)),
                          block, q, k, v, beta, initial_state)          # states in L2
     return delta_rule_chunkwise_autograd(q, k, v, beta, chunk_size, initial_state)
@@ -246,7 +248,8 @@ class DeltaRuleChunkwise(torch.autograd.Function):
             dG = b * dA
             flat = lambda x: x.reshape(B * n, x.shape[2], x.shape[3])   # views here
             dK3 = flat(dK.addcmul_(b, dbK))                               # the stack's own copy
-            dK3.baddbmm_(flat(dG + dG.transpose(2, 3)), flat(K)).baddbmm_(flat(dQK).transpose(1, 2), flat(Q))
+            dK3.baddbmm_(flat(dG + dG.transpose(2, 3)), flat(K))
+            dK3.baddbmm_(flat(dQK).transpose(1, 2), flat(Q))
             dQ = torch.baddbmm(flat(dQ), flat(dQK), flat(K)).view(B, n, C, D_k)
             V = v[:, start:start + n * C].reshape(B, n, C, D_v)
             db = (dA * G).sum(-1) - (nX * V).sum(-1) + (dbK * K).sum(-1)  # [B, n, C]
@@ -267,8 +270,8 @@ def _chunk_groups(L: int, chunk_size: int) -> list[tuple[int, int, int]]:
 
 
 def _group_tensors(q, k, v, beta, start: int, n: int, C: int) -> dict:
-    """The state-independent tensors of n chunks of C positions from `start`, as
-    [B, n, C, ...] batches: K, Q, b, G = K K^T, T, bV, BQ = [diag(b) K; Q] ([B, n, 2C, D_k]), tril(Q K^T)."""
+    """The state-independent tensors of n chunks of C positions from `start`, as [B, n, C, ...]
+    batches: K, Q, b, G = K K^T, T, bV, BQ = [diag(b) K; Q] ([B, n, 2C, D_k]), QK = tril(Q K^T)."""
     B = k.shape[0]
     # Contiguous (one copy where the chunks do not cover the sequence): the [B, n, ...] batched
     # products below would otherwise each copy their operands into [B * n, ...] batches.

@@ -269,7 +269,7 @@ def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tenso
         return k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
     if torch._C._are_functorch_transforms_active():
         return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
-    block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size())
+    block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size(), k.device)
     if k.shape[0] > block:                                     # states in L2 (rules/blocks.py)
         return in_blocks(lambda *parts: fwm_write(*parts, chunk_size), block, k, v, beta)
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
