@@ -316,7 +316,7 @@ def test_training_smoke_fast_weights_learn_copying():
 
 
 # ----------------------------------------------------------------------------------------------
-# README example (runs once the lead has pasted the "Fast Weight Layers" section).
+# The README's "Fast Weight Layers" example runs as written.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -325,7 +325,7 @@ def test_readme_example_runs():
     text = readme.read_text() if readme.exists() else ""
     section = re.search(r"^## Fast Weight Layers\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
     if section is None:
-        pytest.skip("README.md has no '## Fast Weight Layers' section yet")
+        pytest.skip("README.md has no '## Fast Weight Layers' section")
     code = re.search(r"```python\n(.*?)```", section.group(1), flags=re.S)
     assert code is not None, "the README section must contain a ```python example"
     exec(compile(code.group(1), "README.md", "exec"), {})
