@@ -177,11 +177,25 @@ def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, native_steps
         assert reference[0].flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)
 
 
+def assert_blocks_equal_whole(monkeypatch, run, function, three_states_bytes, tol):
+    """run() on the whole batch of 7 and again in blocks of 3, 3 and 1 sequences
+    (STATE_BLOCK_BYTES set to three states' bytes), checking the blocks ``function`` saw."""
+    import models.rules.blocks as blocks
+    whole = run()
+    monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", three_states_bytes)
+    calls = []
+    monkeypatch.setattr(function, "apply", lambda *a, original=function.apply:
+                        calls.append(a[0].shape[0]) or original(*a))
+    blocked = run()
+    assert calls == [3, 3, 1]
+    for a, b in zip(whole, blocked):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator, native_steps):
     """Blocks of sequences (what keeps a block's states in cache) give the whole batch's forward,
     gradients and evaluation, blocks ragged. Up to the last bit: a block that starts off a
     64-byte boundary can round MKL's products differently."""
-    import models.rules.blocks as blocks
     import models.rules.fwm as fwm
     B, L, D_k, D_v = 7, 40, 6, 5
     k = 2 * torch.randn(B, L, D_k, generator=generator)
@@ -195,15 +209,7 @@ def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator
         with torch.no_grad():
             return S.detach(), inputs[0].grad, inputs[2].grad, fwm_write(*inputs, 16)
 
-    whole = run()
-    monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", 3 * D_k * D_v * 4)          # blocks of 3, 3, 1
-    calls = []
-    monkeypatch.setattr(fwm.FWMWrite, "apply", lambda *a, original=fwm.FWMWrite.apply:
-                        calls.append(a[0].shape[0]) or original(*a))
-    blocked = run()
-    assert calls == [3, 3, 1]
-    for a, b in zip(whole, blocked):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert_blocks_equal_whole(monkeypatch, run, fwm.FWMWrite, 3 * D_k * D_v * 4, 1e-6)
 
 
 def test_block_size_evens_out_blocks_and_keeps_a_gpu_batch_whole(monkeypatch):
@@ -220,7 +226,6 @@ def test_block_size_evens_out_blocks_and_keeps_a_gpu_batch_whole(monkeypatch):
 def test_delta_chunkwise_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator):
     """The delta rule's outputs form in blocks of sequences (ragged, an initial state split
     with them) gives the whole batch's outputs, state and gradients."""
-    import models.rules.blocks as blocks
     import models.rules.delta as delta
     B, L, D_k, D_v = 7, 21, 6, 5
     f64 = dict(generator=generator, dtype=torch.float64)
@@ -233,15 +238,7 @@ def test_delta_chunkwise_in_batch_blocks_equals_the_whole_batch(monkeypatch, gen
         ((o * o).sum() + (S * S).sum()).backward()
         return [o.detach(), S.detach()] + [x.grad for x in leaves]
 
-    whole = run()
-    monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", 3 * D_k * D_v * 8)          # blocks of 3, 3, 1
-    calls = []
-    monkeypatch.setattr(delta.DeltaRuleChunkwise, "apply", lambda *a, original=delta.DeltaRuleChunkwise.apply:
-                        calls.append(a[0].shape[0]) or original(*a))
-    blocked = run()
-    assert calls == [3, 3, 1]
-    for a, b in zip(whole, blocked):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_blocks_equal_whole(monkeypatch, run, delta.DeltaRuleChunkwise, 3 * D_k * D_v * 8, 1e-12)
 
 
 def test_fwm_write_gradcheck(generator, native_steps):
