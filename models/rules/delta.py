@@ -180,8 +180,7 @@ class DeltaRuleChunkwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, chunk_size):
-        B, L, D_k = k.shape
-        groups = _chunk_groups(L, chunk_size)
+        groups = _chunk_groups(k.shape[1], chunk_size)
         S = initial_state
         outputs, saved = [], []
         for start, n, C in groups:
@@ -208,7 +207,6 @@ class DeltaRuleChunkwise(torch.autograd.Function):
             g["U"], g["X"] = torch.stack(U_list, 1), torch.stack(X_list, 1)   # [B, n, C, D_v]
             saved.append((start, n, C, g, S0_list))
         ctx.saved = saved
-        ctx.shape = (B, L, D_k, v.shape[2])
         ctx.save_for_backward(q, k, v, beta)
         return torch.cat(outputs, dim=1), S
 
@@ -216,7 +214,7 @@ class DeltaRuleChunkwise(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dO, dS):
         q, k, v, beta = ctx.saved_tensors
-        B, L, D_k, D_v = ctx.shape
+        (B, L, D_k), D_v = k.shape, v.shape[2]
         H = dS
         grads = []                                                        # per group, last first
         for start, n, C, g, S0_list in reversed(ctx.saved):
