@@ -42,10 +42,11 @@ def per_call_features(memory: nn.Module):
 
 
 def write_memory(rule: nn.Module, k: Tensor, v: Tensor | OneHot, beta: Tensor | None):
-    """rule.write(k, v, beta), through the rule's one-hot fast path when it has one."""
+    """rule.write(k, v, beta), through the rule's one-hot fast path when it has one written
+    with its ``write`` (a subclass that overrides write alone gets the dense values)."""
     if isinstance(v, OneHot):
         fast = getattr(rule, "write_one_hot", None)
-        if fast is not None:
+        if fast is not None and written_together(rule, "write_one_hot", "write"):
             return fast(k, v.ids, beta)
         v = v.dense(k.dtype)
     return rule.write(k, v, beta)

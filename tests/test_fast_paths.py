@@ -158,6 +158,18 @@ def test_rule_without_one_hot_path_gets_dense_values(generator):
     assert torch.equal(out, F.one_hot(ids, 4).double())
 
 
+def test_subclass_overriding_write_alone_gets_dense_values(generator):
+    """An inherited write_one_hot no longer computes the subclass's write: it must not run."""
+    from models.rules.fwm import FWMRule
+
+    class Doubled(FWMRule):
+        def write(self, k, v, beta):
+            return 2 * super().write(k, v, beta)
+    k, ids, v, beta = keys_values(2, 9, 4, 3, generator)
+    rule = Doubled(4, 3)
+    torch.testing.assert_close(write_memory(rule, k, OneHot(ids, 3), beta), rule.write(k, v, beta))
+
+
 @pytest.mark.parametrize("scale", [0.3, 3.0])
 @pytest.mark.parametrize("L,chunk", [(30, 64), (30, 7), (70, 16), (1, 4), (30, 1), (64, 16)])
 def test_fwm_fast_forms_equal_recurrent(scale, L, chunk, generator, native_steps):
@@ -440,6 +452,40 @@ def test_fwm_write_with_constant_values(generator, native_steps):
     reference = torch.autograd.grad((fwm_recurrent(None, k, v, beta)[1] * weight).sum(), (k, beta))
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fwm_write_one_hot_ids_equal_dense_values(dtype, monkeypatch, generator, native_steps):
+    """One-hot ids (each chunk's rows built when it runs) give the dense values' floats exactly:
+    state, gradients and evaluation, whole and in blocks (a ragged last chunk), and under vmap."""
+    import models.rules.blocks as blocks
+    B, L, D_k, D_v = 7, 45, 6, 5
+    k = 2 * torch.randn(B, L, D_k, generator=generator, dtype=dtype)
+    ids = torch.randint(0, D_v, (B, L), generator=generator)
+    beta = torch.rand(B, L, generator=generator, dtype=dtype)
+    weight = torch.randn(D_k, D_v, generator=generator, dtype=dtype)
+
+    def run(one_hot):
+        kk, bb = k.clone().requires_grad_(), beta.clone().requires_grad_()
+        values = dict(v=None, ids=ids, d_value=D_v) if one_hot else dict(v=F.one_hot(ids, D_v).to(dtype))
+        S = fwm_write(kk, beta=bb, chunk_size=16, **values)
+        (S * weight).sum().backward()
+        with torch.no_grad():
+            return S.detach(), kk.grad, bb.grad, fwm_write(kk, beta=bb, chunk_size=16, **values)
+
+    for state_bytes in (blocks.STATE_BLOCK_BYTES, 3 * D_k * D_v * k.element_size()):
+        monkeypatch.setattr(blocks, "STATE_BLOCK_BYTES", state_bytes)
+        dense, one_hot = run(False), run(True)
+        for a, b in zip(dense, one_hot):
+            assert torch.equal(a, b)
+    assert dense[0].flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)   # clip active
+    mapped = torch.func.vmap(lambda kk, ii, bb: fwm_write(kk, None, bb, 16, ids=ii, d_value=D_v))(
+        k[None], ids[None], beta[None])
+    torch.testing.assert_close(mapped[0], dense[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="either"):
+        fwm_write(k, F.one_hot(ids, D_v).to(dtype), beta, ids=ids, d_value=D_v)
+    with pytest.raises(ValueError, match="d_value"):
+        fwm_write(k, None, beta, ids=ids)
 
 
 @pytest.mark.parametrize("feature_map,options,norm", [("linear", {}, "none"), ("relu", {}, "sum"),

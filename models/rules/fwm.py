@@ -41,6 +41,18 @@ def _clip_factor(norm: Tensor) -> Tensor:
     return 1.0 / torch.clamp(norm, min=1.0)
 
 
+def value_chunks(chunks, d_value: int | None, dtype: torch.dtype):
+    """Chunks of the values (``v.split(C, dim=1)``, in any order) as contiguous [B, C, D_v]
+    blocks: slices of v [B, L, D_v], or of one-hot ids [B, L] (d_value given) as one-hot rows
+    built one chunk at a time: the floats of F.one_hot(ids, d_value), without its [B, L, D_v]
+    int64 tensor and float copy (at S = 140 in Setting 2, 12% of a training step)."""
+    for chunk in chunks:
+        if d_value is None:
+            yield chunk.contiguous()
+        else:
+            yield chunk.new_zeros(*chunk.shape, d_value, dtype=dtype).scatter_(2, chunk[:, :, None], 1.0)
+
+
 def fwm_recurrent(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor):
     """Reference loop (state S = W^T). q, k [B, L, D_k], v [B, L, D_v], beta [B, L]
     -> (o [B, L, D_v] = S_t^T q_t before LayerNorm, or None; S_L [B, D_k, D_v])."""
@@ -102,18 +114,21 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
     return S if S is not None else k.new_zeros(B, D_k, D_v)
 
 
-def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool, native):
+def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool, native,
+                     d_value: int | None = None):
     """FWMWrite's forward: (S_L [B, D_k, D_v], per-chunk quantities for the backward if keep).
+    v [B, L, D_v], or one-hot ids [B, L] with d_value (``value_chunks``).
 
-    The steps of a chunk run in C with ``native``, the compiled library (``steps(k, v, beta)``
+    The steps of a chunk run in C with ``native``, the compiled library (``steps(k, beta)``
     of ``models/rules/native.py``), or with None in the PyTorch loop below; both compute the
     same quantities."""
     B, L, D_k = k.shape
-    D_v = v.shape[2]
+    D_v = v.shape[2] if d_value is None else d_value
     S = None
     n = k.new_zeros(B)
     chunks = []
-    for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1), v.split(chunk_size, dim=1),
+    for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1),
+                                          value_chunks(v.split(chunk_size, dim=1), d_value, k.dtype),
                                           beta.split(chunk_size, dim=1))):
         C = K.shape[1]
         G = K @ K.transpose(1, 2)                                     # [B, C, C]
@@ -124,7 +139,7 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
         n_pre, c = k.new_empty(B, C), k.new_empty(B, C)
         if native is not None:
             E, w, g = k.new_empty(B, C, C), k.new_empty(B, C, C), k.new_empty(B, C)
-            forward_steps(native, G, hk.contiguous(), R0, V.contiguous(), b.contiguous(), n,
+            forward_steps(native, G, hk.contiguous(), R0, V, b.contiguous(), n,
                           index == 0, E, w, U, r, n_pre, c, g)
         else:
             # [B, C, C]: E_ts for s < t (the identity below is never read as a weight)
@@ -187,24 +202,27 @@ class FWMWrite(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, v, beta, chunk_size):
-        native = steps(k, v, beta)
-        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True, native=native)
+    def forward(ctx, k, v, beta, chunk_size, d_value):
+        # v [B, L, D_v], or one-hot ids [B, L] with d_value (``value_chunks``)
+        native = steps(k, beta) if d_value is not None else steps(k, v, beta)
+        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True, native=native,
+                                     d_value=d_value)
         ctx.native = native                      # the backward runs its steps as the forward did
         ctx.save_for_backward(k, v, beta)
-        ctx.chunks, ctx.chunk_size = chunks, chunk_size
+        ctx.chunks, ctx.chunk_size, ctx.d_value = chunks, chunk_size, d_value
         return S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, S_bar):
         k, v, beta = ctx.saved_tensors
-        chunk_size, chunks = ctx.chunk_size, ctx.chunks
-        B, D_v = k.shape[0], v.shape[2]
+        chunk_size, chunks, d_value = ctx.chunk_size, ctx.chunks, ctx.d_value
+        B, D_v = k.shape[0], S_bar.shape[2]
         n_bar = k.new_zeros(B)                   # adjoint of the norm carried out of a chunk
         native = ctx.native
         k_grads, v_grads, b_grads = [], [], []
-        for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)), reversed(v.split(chunk_size, dim=1)),
+        for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)),
+                               value_chunks(reversed(v.split(chunk_size, dim=1)), d_value, k.dtype),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
             C = K.shape[1]
             hk, S0, r, U, n_pre, c, g, d, E, w = (ch[name] for name in
@@ -256,29 +274,46 @@ class FWMWrite(torch.autograd.Function):
                 S_bar = d[:, :1, None] * S_bar + K.transpose(1, 2) @ R0_bar
             k_grads.append(K_bar)
         v_grad = torch.cat(v_grads[::-1], dim=1) if v_grads else None
-        return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None
+        return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None, None
 
 
-def fwm_write(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 32) -> Tensor:
+def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
+              ids: Tensor | None = None, d_value: int | None = None) -> Tensor:
     """Final FWM state S_L [B, D_k, D_v] by ``FWMWrite`` (lazy reads, hand-written backward).
+    Values dense, v [B, L, D_v], or one-hot, ``fwm_write(k, None, beta, ids=ids, d_value=D_v)``
+    with ids [B, L] long: each chunk's one-hot rows are built when the chunk runs, never the
+    whole [B, L, D_v] matrix (the same floats).
 
     A chunk's per-step read costs O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU
     at the paper's sizes (B = 128, L = 400, D_v = 200). Without a gradient to compute
     (evaluation) and under torch.func transforms (vmap, grad) ``fwm_chunkwise`` runs instead."""
+    if (v is None) == (ids is None):
+        raise ValueError("give either dense values v or one-hot ids")
+    if ids is not None and d_value is None:
+        raise ValueError("one-hot ids need d_value")
+    d_value = int(d_value) if ids is not None else None
+    D_v = d_value if ids is not None else v.shape[2]
     if k.shape[1] == 0:
-        return k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
-    if torch._C._are_functorch_transforms_active():
-        return fwm_chunkwise(k, v, beta, int(chunk_size))   # under vmap/func: the autograd form
-    block = block_size(k.shape[0], k.shape[2] * v.shape[2] * k.element_size(), k.device)
+        return k.new_zeros(k.shape[0], k.shape[2], D_v)
+    if torch._C._are_functorch_transforms_active():             # under vmap/func: autograd form
+        dense = v if ids is None else F.one_hot(ids, d_value).to(k.dtype)
+        return fwm_chunkwise(k, dense, beta, int(chunk_size))
+    values = v if ids is None else ids                         # [B, L, D_v] or [B, L]
+    block = block_size(k.shape[0], k.shape[2] * D_v * k.element_size(), k.device)
     if k.shape[0] > block:                                     # states in L2 (rules/blocks.py)
-        return in_blocks(lambda *parts: fwm_write(*parts, chunk_size), block, k, v, beta)
-    if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or beta.requires_grad)):
+        return in_blocks(lambda K, X, b: fwm_write(K, X if ids is None else None, b, chunk_size,
+                                                   X if ids is not None else None, d_value),
+                         block, k, values, beta)
+    native = steps(k, beta) if ids is not None else steps(k, v, beta)
+    if not (torch.is_grad_enabled() and (k.requires_grad or beta.requires_grad
+                                         or (v is not None and v.requires_grad))):
         # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
-        native = steps(k, v, beta)
         if native is not None:
-            return fwm_write_chunks(k, v, beta, int(chunk_size), keep=False, native=native)[0]
-        return fwm_chunkwise(k, v, beta, 64)
-    return FWMWrite.apply(k, v, beta, int(chunk_size))
+            return fwm_write_chunks(k, values, beta, int(chunk_size), keep=False, native=native,
+                                    d_value=d_value)[0]
+        dense = v if ids is None else F.one_hot(ids, d_value).to(k.dtype)
+        return fwm_chunkwise(k, dense, beta, 64)
+    return FWMWrite.apply(k, values, beta, int(chunk_size), d_value)
 
 
 class FWMRule(UpdateRule):
@@ -289,6 +324,10 @@ class FWMRule(UpdateRule):
 
     def write(self, k, v, beta):
         return fwm_write(k, v, beta)
+
+    def write_one_hot(self, k, ids, beta):
+        """``write`` for values v = one_hot(ids, d_value), never formed whole (``fwm_write``)."""
+        return fwm_write(k, None, beta, ids=ids, d_value=self.d_value)
 
     def read(self, state, q):
         return F.layer_norm(q @ state, (state.shape[-1],))
