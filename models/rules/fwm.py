@@ -120,8 +120,8 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
     v [B, L, D_v], or one-hot ids [B, L] with d_value (``value_chunks``).
 
     The steps of a chunk run in C with ``native``, the compiled library (``steps(k, beta)``
-    of ``models/rules/native.py``), or with None in the PyTorch loop below; both compute the
-    same quantities."""
+    of ``models/rules/native.py``), or with None in ``forward_steps_torch``; both compute the
+    same quantities (and FWMWrite's backward: ``backward_steps``, ``backward_steps_torch``)."""
     B, L, D_k = k.shape
     D_v = v.shape[2] if d_value is None else d_value
     S = None
@@ -130,50 +130,98 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
     for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1),
                                           value_chunks(v.split(chunk_size, dim=1), d_value, k.dtype),
                                           beta.split(chunk_size, dim=1))):
-        C = K.shape[1]
         G = K @ K.transpose(1, 2)                                     # [B, C, C]
-        hk = 0.5 * G.diagonal(dim1=1, dim2=2)                         # [B, C]
         R0 = K @ S if S is not None else None                         # [B, C, D_v]
-        U = k.new_empty(B, C, D_v)
-        r = k.new_empty(B, C, D_v)
-        n_pre, c = k.new_empty(B, C), k.new_empty(B, C)
-        if native is not None:
-            E, w, g = k.new_empty(B, C, C), k.new_empty(B, C, C), k.new_empty(B, C)
-            forward_steps(native, G, hk.contiguous(), R0, V, b.contiguous(), n,
-                          index == 0, E, w, U, r, n_pre, c, g)
+        if native is not None:                                        # n updated in place
+            hk, E, w, U, r, n_pre, c, g, d, dU = forward_steps(native, G, R0, V, b.contiguous(),
+                                                               n, index == 0)
         else:
-            # [B, C, C]: E_ts for s < t (the identity below is never read as a weight)
-            E = torch.eye(C, dtype=k.dtype, device=k.device).expand(B, C, C).clone()
-            w = k.new_zeros(B, C, C)                                  # w_ts = G_ts E_ts
-            g = k.new_ones(B, C)
-            for t in range(C):
-                if t > 0:
-                    torch.mul(E[:, t - 1, :t], c[:, t - 1, None], out=E[:, t, :t])
-                    torch.mul(G[:, t, :t], E[:, t, :t], out=w[:, t, :t])
-                    r_t = torch.bmm(w[:, t:t + 1, :t], U[:, :t]).squeeze(1)
-                    if R0 is not None:
-                        g_t = torch.mul(g[:, t - 1], c[:, t - 1], out=g[:, t])
-                        r_t = torch.addcmul(r_t, R0[:, t], g_t[:, None])
-                else:
-                    r_t = R0[:, 0] if R0 is not None else k.new_zeros(B, D_v)
-                r[:, t] = r_t
-                u_t = torch.mul(V[:, t] - r_t, b[:, t, None], out=U[:, t])
-                n_t = n + 2 * (u_t * torch.addcmul(r_t, u_t, hk[:, t, None])).sum(-1)
-                n_pre[:, t] = n_t
-                if index == 0 and t == 0:
-                    c[:, t], n = 1.0, n_t
-                else:
-                    torch.rsqrt(n_t.clamp_min(1.0), out=c[:, t])
-                    n = n_t.clamp_max(1.0)
-        d = c.flip(1).cumprod(1).flip(1)                              # [B, C]: prod_{j >= s} c_j
-        written = K.transpose(1, 2) @ (d[:, :, None] * U)             # [B, D_k, D_v]
+            hk, E, w, U, r, n_pre, c, g, d, dU, n = forward_steps_torch(G, R0, V, b, n, index == 0)
         if keep:
             chunks.append(dict(hk=hk, S0=S, r=r, U=U, n_pre=n_pre, c=c, g=g, d=d, E=E, w=w,
                                first=index == 0))
-        S = written if S is None else d[:, :1, None] * S + written
+        # S_C = d_0 S_0 + K^T (d * U)
+        S = (K.transpose(1, 2) @ dU if S is None
+             else torch.baddbmm(d[:, :1, None] * S, K.transpose(1, 2), dU))   # [B, D_k, D_v]
     if S is None:
         S = k.new_zeros(B, D_k, D_v)
     return S, chunks
+
+
+def forward_steps_torch(G, R0, V, b, n, first: bool):
+    """One chunk's forward steps in PyTorch, the reference of the compiled ``forward_steps``
+    (models/rules/native.py; the recurrence is in FWMWrite's docstring). G = K K^T [B, C, C],
+    R0 = K S_0 [B, C, D_v] or None (first chunk), V [B, C, D_v], b [B, C], n [B] -> (hk, E, w,
+    U, r, n_pre, c, g, d, dU, n)."""
+    B, C, D_v = V.shape
+    # Every buffer in G's (the keys') dtype: mixed-precision values and beta are promoted.
+    hk = 0.5 * G.diagonal(dim1=1, dim2=2)                             # [B, C]: |k_t|^2 / 2
+    U, r = G.new_empty(B, C, D_v), G.new_empty(B, C, D_v)
+    n_pre, c = G.new_empty(B, C), G.new_empty(B, C)
+    # [B, C, C]: E_ts for s < t (the identity below is never read as a weight)
+    E = torch.eye(C, dtype=G.dtype, device=G.device).expand(B, C, C).clone()
+    w = G.new_zeros(B, C, C)                                          # w_ts = G_ts E_ts
+    g = G.new_ones(B, C)
+    for t in range(C):
+        if t > 0:
+            torch.mul(E[:, t - 1, :t], c[:, t - 1, None], out=E[:, t, :t])
+            torch.mul(G[:, t, :t], E[:, t, :t], out=w[:, t, :t])
+            r_t = torch.bmm(w[:, t:t + 1, :t], U[:, :t]).squeeze(1)
+            if R0 is not None:
+                g_t = torch.mul(g[:, t - 1], c[:, t - 1], out=g[:, t])
+                r_t = torch.addcmul(r_t, R0[:, t], g_t[:, None])
+        else:
+            r_t = R0[:, 0] if R0 is not None else G.new_zeros(B, D_v)
+        r[:, t] = r_t
+        u_t = torch.mul(V[:, t] - r_t, b[:, t, None], out=U[:, t])
+        n_t = n + 2 * (u_t * torch.addcmul(r_t, u_t, hk[:, t, None])).sum(-1)
+        n_pre[:, t] = n_t
+        if first and t == 0:
+            c[:, t], n = 1.0, n_t
+        else:
+            torch.rsqrt(n_t.clamp_min(1.0), out=c[:, t])
+            n = n_t.clamp_max(1.0)
+    d = c.flip(1).cumprod(1).flip(1)                                  # [B, C]: prod_{j >= s} c_j
+    return hk, E, w, U, r, n_pre, c, g, d, d[:, :, None] * U, n
+
+
+def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, g, n_bar):
+    """One chunk's backward steps in PyTorch, the reference of the compiled ``backward_steps``
+    (models/rules/native.py; the recurrence is in FWMWrite's docstring). Z = K S_out_bar
+    [B, C, D_v], s0dot = <S_out_bar, S_0> [B] or None (first chunk), the forward's d, hk,
+    n_pre, c, g [B, C], w [B, C, C], U, r, V [B, C, D_v], b [B, C], n_bar [B] -> (U_bar,
+    R_bar, R0_bar = g R_bar or None, nb_all, diag = nb' |u|^2, b_bar [B, C], n_bar)."""
+    B, C, D_v = U.shape
+    d_bar = (Z * U).sum(-1)                                           # [B, C]
+    if s0dot is not None:
+        d_bar[:, 0] += s0dot
+    cd = (d_bar * d).cumsum(1)                                        # [B, C]: c_j cb_j from d
+    low = (n_pre < 1.0).to(U.dtype)                         # d n / d n' (n' = 1: clip branch)
+    clip = 0.5 * c.pow(2) * (n_pre >= 1.0).to(U.dtype)                # -c^2/2 (c cb) = cb dc/dn'
+    if first:
+        low[:, 0], clip[:, 0] = 1.0, 0.0
+    wn = 2 * torch.addcmul(r, U, hk[:, :, None], value=2.0)           # [B, C, D_v]: d n'/d u
+    U_bar_direct = d[:, :, None] * Z
+    R_bar, U_bar, nb_all = U.new_zeros(B, C, D_v), U.new_empty(B, C, D_v), U.new_empty(B, C)
+    wT = w.transpose(1, 2).contiguous()                               # wT[:, s, t] = w_ts
+    phi = U.new_zeros(B)
+    for j in range(C - 1, -1, -1):
+        nb = n_bar * low[:, j] - clip[:, j] * (cd[:, j] + phi)
+        ub = torch.addcmul(U_bar_direct[:, j], wn[:, j], nb[:, None])
+        if j < C - 1:
+            ub_reads = torch.bmm(wT[:, j:j + 1, j + 1:], R_bar[:, j + 1:]).squeeze(1)
+            ub = ub + ub_reads
+            phi = phi - (U[:, j] * ub_reads).sum(-1)
+        U_bar[:, j] = ub
+        rb = torch.addcmul(-b[:, j, None] * ub, U[:, j], 2 * nb[:, None])
+        R_bar[:, j] = rb
+        phi = phi + (rb * r[:, j]).sum(-1)
+        nb_all[:, j] = nb
+        n_bar = nb
+    R0_bar = g[:, :, None] * R_bar if s0dot is not None else None     # [B, C, D_v]
+    diag = nb_all * U.pow(2).sum(-1)
+    b_bar = (U_bar * (V - r)).sum(-1)
+    return U_bar, R_bar, R0_bar, nb_all, diag, b_bar, n_bar
 
 
 class FWMWrite(torch.autograd.Function):
@@ -229,49 +277,22 @@ class FWMWrite(torch.autograd.Function):
                                                   ("hk", "S0", "r", "U", "n_pre", "c", "g", "d", "E", "w"))
             # The chunk's output S_out = d_0 S0 + K^T (d * U).
             Z = K @ S_bar                                             # [B, C, D_v]
-            U_bar_direct = d[:, :, None] * Z
-            K_bar = d[:, :, None] * (U @ S_bar.transpose(1, 2))       # [B, C, D_k]
-            d_bar = (Z * U).sum(-1)                                   # [B, C]
-            if S0 is not None:
-                d_bar[:, 0] += (S_bar * S0).sum((1, 2))
-            cd = (d_bar * d).cumsum(1)                                # [B, C]: c_j cb_j from d
-            low = (n_pre < 1.0).to(k.dtype)                 # d n / d n' (n' = 1: clip branch)
-            clip = 0.5 * c.pow(2) * (n_pre >= 1.0).to(k.dtype)        # -c^2/2 (c cb) = cb dc/dn'
-            if ch["first"]:
-                low[:, 0], clip[:, 0] = 1.0, 0.0
-            wn = 2 * torch.addcmul(r, U, hk[:, :, None], value=2.0)   # [B, C, D_v]: d n'/d u
-            R_bar = k.new_zeros(B, C, D_v)
-            U_bar = k.new_empty(B, C, D_v)
-            nb_all = k.new_empty(B, C)
-            if native is not None:
-                backward_steps(native, U_bar_direct, wn, w, U, r, b.contiguous(), low, clip,
-                               cd, n_bar, R_bar, U_bar, nb_all)
+            s0dot = (S_bar * S0).sum((1, 2)) if S0 is not None else None   # [B]
+            step_inputs = (Z, d, s0dot, hk, n_pre, c, ch["first"], w, U, r, V, b.contiguous(), g, n_bar)
+            if native is not None:               # n_bar updated in place
+                U_bar, R_bar, R0_bar, nb_all, diag, b_bar = backward_steps(native, *step_inputs)
             else:
-                wT = w.transpose(1, 2).contiguous()                   # wT[:, s, t] = w_ts
-                phi = k.new_zeros(B)
-                for j in range(C - 1, -1, -1):
-                    nb = n_bar * low[:, j] - clip[:, j] * (cd[:, j] + phi)
-                    ub = torch.addcmul(U_bar_direct[:, j], wn[:, j], nb[:, None])
-                    if j < C - 1:
-                        ub_reads = torch.bmm(wT[:, j:j + 1, j + 1:], R_bar[:, j + 1:]).squeeze(1)
-                        ub = ub + ub_reads
-                        phi = phi - (U[:, j] * ub_reads).sum(-1)
-                    U_bar[:, j] = ub
-                    rb = torch.addcmul(-b[:, j, None] * ub, U[:, j], 2 * nb[:, None])
-                    R_bar[:, j] = rb
-                    phi = phi + (rb * r[:, j]).sum(-1)
-                    nb_all[:, j] = nb
-                    n_bar = nb
-            b_grads.append((U_bar * (V - r)).sum(-1))
+                U_bar, R_bar, R0_bar, nb_all, diag, b_bar, n_bar = backward_steps_torch(*step_inputs)
+            b_grads.append(b_bar)
             if ctx.needs_input_grad[1]:          # values are one-hot constants in the models
                 v_grads.append(b[:, :, None] * U_bar)
+            K_bar = d[:, :, None] * (U @ S_bar.transpose(1, 2))       # [B, C, D_k]
             G_bar = (R_bar @ U.transpose(1, 2)).tril(-1) * E          # [B, C, C]
-            G_bar = G_bar + torch.diag_embed(nb_all * U.pow(2).sum(-1))   # hk = G_tt / 2
+            G_bar = G_bar + torch.diag_embed(diag)                    # hk = G_tt / 2
             K_bar = torch.baddbmm(K_bar, G_bar + G_bar.transpose(1, 2), K)
             if S0 is not None:
-                R0_bar = g[:, :, None] * R_bar                         # [B, C, D_v]
                 K_bar = torch.baddbmm(K_bar, R0_bar, S0.transpose(1, 2))
-                S_bar = d[:, :1, None] * S_bar + K.transpose(1, 2) @ R0_bar
+                S_bar = torch.baddbmm(d[:, :1, None] * S_bar, K.transpose(1, 2), R0_bar)
             k_grads.append(K_bar)
         v_grad = torch.cat(v_grads[::-1], dim=1) if v_grads else None
         return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None, None

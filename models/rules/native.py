@@ -156,24 +156,34 @@ def _pointers(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list:
     return [None if x is None else ctypes.c_void_p(x.data_ptr()) for x in tensors]
 
 
-def forward_steps(library, G, hk, R0, V, b, n, first: bool, E, w, U, r, n_pre, c, g) -> None:
-    """Fill E, w, U, r, n_pre, c, g and update n in place (see csrc/fwm_steps_impl.h)."""
-    B, C, D = U.shape
-    getattr(library, f"fwm_forward_{SUFFIX[U.dtype]}")(
+def forward_steps(library, G, R0, V, b, n, first: bool):
+    """One chunk's forward steps (see csrc/fwm_steps_impl.h): (hk, E, w, U, r, n_pre, c, g, d,
+    dU); n updated in place. G [B, C, C], R0 [B, C, D] or None, V [B, C, D], b [B, C], n [B]."""
+    B, C, D = V.shape
+    hk, n_pre, c, g, d = (V.new_empty(B, C) for _ in range(5))
+    E, w = V.new_empty(B, C, C), V.new_empty(B, C, C)
+    U, r, dU = V.new_empty(B, C, D), V.new_empty(B, C, D), V.new_empty(B, C, D)
+    getattr(library, f"fwm_forward_{SUFFIX[V.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
-        *_pointers(U.dtype, G, hk, R0, V, b, n), ctypes.c_int(int(first)),
-        *_pointers(U.dtype, E, w, U, r, n_pre, c, g))
+        *_pointers(V.dtype, G, R0, V, b, n), ctypes.c_int(int(first)),
+        *_pointers(V.dtype, hk, E, w, U, r, n_pre, c, g, d, dU))
+    return hk, E, w, U, r, n_pre, c, g, d, dU
 
 
-def backward_steps(library, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar,
-                   R_bar, U_bar, nb_all) -> None:
-    """Fill R_bar, U_bar, nb_all and update n_bar in place (see csrc/fwm_steps_impl.h)."""
+def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, V, b, g, n_bar):
+    """One chunk's backward steps (see csrc/fwm_steps_impl.h): (U_bar, R_bar [B, C, D], R0_bar
+    [B, C, D] or None when s0dot is None, nb_all, diag, b_bar [B, C]); n_bar updated in place."""
     B, C, D = U.shape
-    scratch = U.new_empty(D)
+    U_bar, R_bar = U.new_empty(B, C, D), U.new_empty(B, C, D)
+    R0_bar = U.new_empty(B, C, D) if s0dot is not None else None
+    nb_all, diag, b_bar = U.new_empty(B, C), U.new_empty(B, C), U.new_empty(B, C)
+    scratch = U.new_empty(D + C)
     getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
-        *_pointers(U.dtype, U_bar_direct, wn, w, U, r, b, low, clip, cd, n_bar, R_bar, U_bar,
-                   nb_all, scratch))
+        *_pointers(U.dtype, Z, d, s0dot, hk, n_pre, c), ctypes.c_int(int(first)),
+        *_pointers(U.dtype, w, U, r, V, b, g, n_bar, U_bar, R_bar, R0_bar, nb_all, diag, b_bar,
+                   scratch))
+    return U_bar, R_bar, R0_bar, nb_all, diag, b_bar
 
 
 def delta_answer_forward(library, q, k, beta):

@@ -30,22 +30,25 @@ void NAME(weighted_rows)(long n, long D, const T *w, long w_stride, const T *X, 
     }
 }
 
-/* Forward. In: G [B,C,C], hk [B,C], R0 [B,C,D] or NULL, V [B,C,D], b [B,C], n [B] (in/out),
+/* Forward. In: G [B,C,C] (K K^T), R0 [B,C,D] or NULL, V [B,C,D], b [B,C], n [B] (in/out),
  * first (1: the chunk opens the sequence; its first write is not clipped).
- * Out: E [B,C,C] (E_ts, s < t; 1 on the diagonal, 0 above), w [B,C,C] (G_ts E_ts, s < t),
- * U [B,C,D], r [B,C,D], n_pre [B,C], c [B,C], g [B,C]. */
+ * Out: hk [B,C] (G_tt / 2), E [B,C,C] (E_ts, s < t; 1 on the diagonal, 0 above), w [B,C,C]
+ * (G_ts E_ts, s < t), U [B,C,D], r [B,C,D], n_pre [B,C], c [B,C], g [B,C], d [B,C]
+ * (prod_{j >= s} c_j, taken from the end) and dU [B,C,D] (d_s u_s, the chunk's write). */
 VECTOR_CLONES
-void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *hk, const T *R0,
-                       const T *V, const T *b, T *n, int first, T *E, T *w, T *U, T *r,
-                       T *n_pre, T *c, T *g) {
+void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *R0, const T *V, const T *b,
+                       T *n, int first, T *hk, T *E, T *w, T *U, T *r, T *n_pre, T *c, T *g,
+                       T *d, T *dU) {
     for (long i = 0; i < B; ++i) {
-        const T *Gi = G + i * C * C, *hki = hk + i * C, *Vi = V + i * C * D, *bi = b + i * C;
+        const T *Gi = G + i * C * C, *Vi = V + i * C * D, *bi = b + i * C;
+        T *hki = hk + i * C, *di = d + i * C, *dUi = dU + i * C * D;
         const T *R0i = R0 ? R0 + i * C * D : NULL;
         T *Ei = E + i * C * C, *wi = w + i * C * C, *Ui = U + i * C * D, *ri = r + i * C * D;
         T *npi = n_pre + i * C, *ci = c + i * C, *gi = g + i * C;
         T norm = n[i];
         memset(Ei, 0, sizeof(T) * C * C);
         memset(wi, 0, sizeof(T) * C * C);
+        for (long t = 0; t < C; ++t) hki[t] = (T)0.5 * Gi[t * C + t];
         for (long t = 0; t < C; ++t) {
             T *Et = Ei + t * C, *wt = wi + t * C, *rt = ri + t * D, *ut = Ui + t * D;
             Et[t] = 1;
@@ -78,34 +81,94 @@ void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *hk, const T 
             }
         }
         n[i] = norm;
+        for (long t = C - 1; t >= 0; --t) {
+            di[t] = t == C - 1 ? ci[t] : di[t + 1] * ci[t];
+            const T dt = di[t], *ut = Ui + t * D;
+            for (long e = 0; e < D; ++e) dUi[t * D + e] = dt * ut[e];
+        }
     }
 }
 
-/* Backward, reverse over positions j (see FWMWrite's docstring). In: Ubd [B,C,D] (the chunk
- * output's part of U's adjoint), wn [B,C,D] (d n'/d u), w [B,C,C], U, r [B,C,D], b, low, clip,
- * cd [B,C], n_bar [B] (in/out). Out: R_bar, U_bar [B,C,D], nb_all [B,C]. ub_reads [D] scratch. */
+/* Backward of one chunk (see FWMWrite's docstring), with the chunk's per-position terms that
+ * need no matrix product. In: Z [B,C,D] (K S_out_bar), d [B,C], s0dot [B] (<S_out_bar, S_0>;
+ * NULL for the sequence's first chunk), hk, n_pre, c [B,C], first, w [B,C,C], U, r, V [B,C,D],
+ * b [B,C], g [B,C], n_bar [B] (in/out). Out: U_bar, R_bar [B,C,D], R0_bar [B,C,D] (g R_bar;
+ * not written when s0dot is NULL), nb_all, diag (nb' |u|^2), b_bar [B,C].
+ * scratch: D + C elements. Reverse over j, with the rows rb_t (t > j) already known:
+ *   low_j = [n'_j < 1], clip_j = c_j^2 / 2 [n'_j >= 1] (first write: 1 and 0),
+ *   cd_j = sum_{s <= j} d_s (Z_s . U_s) (+ s0dot at s = 0),
+ *   nb'_j = nb_j low_j - clip_j (cd_j + Phi_j),
+ *   ub_j = d_j Z_j + nb'_j 2 (r_j + 2 hk_j u_j) + sum_{t>j} w_tj rb_t,
+ *   rb_j = -b_j ub_j + 2 nb'_j u_j,   b_bar_j = ub_j . (v_j - r_j). */
 VECTOR_CLONES
-void NAME(fwm_backward)(long B, long C, long D, const T *Ubd, const T *wn, const T *w,
-                        const T *U, const T *r, const T *b, const T *low, const T *clip,
-                        const T *cd, T *n_bar, T *R_bar, T *U_bar, T *nb_all, T *ub_reads) {
+void NAME(fwm_backward)(long B, long C, long D, const T *Z, const T *d, const T *s0dot,
+                        const T *hk, const T *n_pre, const T *c, int first, const T *w,
+                        const T *U, const T *r, const T *V, const T *b, const T *g, T *n_bar,
+                        T *U_bar, T *R_bar, T *R0_bar, T *nb_all, T *diag, T *b_bar,
+                        T *scratch) {
+    T *ub_reads = scratch, *cd = scratch + D;
     for (long i = 0; i < B; ++i) {
-        const T *Ubdi = Ubd + i * C * D, *wni = wn + i * C * D, *wi = w + i * C * C;
-        const T *Ui = U + i * C * D, *ri = r + i * C * D, *bi = b + i * C;
-        const T *lowi = low + i * C, *clipi = clip + i * C, *cdi = cd + i * C;
-        T *Rbi = R_bar + i * C * D, *Ubi = U_bar + i * C * D, *nbi = nb_all + i * C;
+        const T *Zi = Z + i * C * D, *di = d + i * C, *hki = hk + i * C, *npi = n_pre + i * C;
+        const T *ci = c + i * C, *wi = w + i * C * C, *Ui = U + i * C * D, *ri = r + i * C * D;
+        const T *Vi = V + i * C * D, *bi = b + i * C, *gi = g + i * C;
+        T *Ubi = U_bar + i * C * D, *Rbi = R_bar + i * C * D;
+        T *R0bi = s0dot ? R0_bar + i * C * D : NULL;
+        T *nbi = nb_all + i * C, *diagi = diag + i * C, *bbi = b_bar + i * C;
+        T acc = 0;
+        for (long j = 0; j < C; ++j) {
+            T dbar = NAME(dot)(Zi + j * D, Ui + j * D, D);
+            if (j == 0 && s0dot) dbar += s0dot[i];
+            acc += dbar * di[j];
+            cd[j] = acc;
+        }
         T nbar = n_bar[i], phi = 0;
         for (long j = C - 1; j >= 0; --j) {
-            const T nb = nbar * lowi[j] - clipi[j] * (cdi[j] + phi);
-            const T *Uj = Ui + j * D, *rj = ri + j * D, *wnj = wni + j * D, *Ubdj = Ubdi + j * D;
+            const int opens = first && j == 0;      /* the sequence's first write: no clip */
+            const T low = opens ? (T)1 : (T)(npi[j] < 1);
+            const T clip = opens ? (T)0 : (T)0.5 * (ci[j] * ci[j]) * (T)(npi[j] >= 1);
+            const T nb = nbar * low - clip * (cd[j] + phi);
+            const T *Uj = Ui + j * D, *rj = ri + j * D, *Zj = Zi + j * D, *Vj = Vi + j * D;
             T *ub = Ubi + j * D, *rb = Rbi + j * D;
             /* sum_{t>j} w_tj rb_t */
             NAME(weighted_rows)(C - 1 - j, D, wi + (j + 1) * C + j, C, Rbi + (j + 1) * D, ub_reads);
-            const T bj = bi[j];
-            for (long d = 0; d < D; ++d) {
-                ub[d] = Ubdj[d] + wnj[d] * nb + ub_reads[d];
-                rb[d] = -bj * ub[d] + 2 * nb * Uj[d];
+            const T bj = bi[j], dj = di[j], hkj = hki[j];
+            /* One pass over the row: ub, rb and the four dots (U . ub_reads, rb . r, U . U,
+             * ub . (v - r)) as independent 4-lane sums, in dot()'s order (lane e mod 4, the
+             * tail into lane 0, then (s0 + s1) + (s2 + s3)). */
+            NAME(quad) s_ur = {0, 0, 0, 0}, s_rr = {0, 0, 0, 0}, s_uu = {0, 0, 0, 0},
+                       s_bb = {0, 0, 0, 0};
+            long e = 0;
+            for (; e + 4 <= D; e += 4) {
+                const NAME(quad) u = *(const NAME(quad) *)(Uj + e), rr = *(const NAME(quad) *)(rj + e);
+                const NAME(quad) reads = *(const NAME(quad) *)(ub_reads + e);
+                const NAME(quad) wn = 2 * (rr + 2 * u * hkj);              /* d n' / d u */
+                const NAME(quad) ube = dj * *(const NAME(quad) *)(Zj + e) + wn * nb + reads;
+                const NAME(quad) rbe = -bj * ube + 2 * nb * u;
+                *(NAME(quad) *)(ub + e) = ube;
+                *(NAME(quad) *)(rb + e) = rbe;
+                s_ur += u * reads;
+                s_rr += rbe * rr;
+                s_uu += u * u;
+                s_bb += ube * (*(const NAME(quad) *)(Vj + e) - rr);
             }
-            phi = phi - NAME(dot)(Uj, ub_reads, D) + NAME(dot)(rb, rj, D);
+            T t_ur = s_ur[0], t_rr = s_rr[0], t_uu = s_uu[0], t_bb = s_bb[0];
+            for (; e < D; ++e) {
+                const T wn = 2 * (rj[e] + 2 * Uj[e] * hkj);
+                ub[e] = dj * Zj[e] + wn * nb + ub_reads[e];
+                rb[e] = -bj * ub[e] + 2 * nb * Uj[e];
+                t_ur += Uj[e] * ub_reads[e];
+                t_rr += rb[e] * rj[e];
+                t_uu += Uj[e] * Uj[e];
+                t_bb += ub[e] * (Vj[e] - rj[e]);
+            }
+            phi = phi - ((t_ur + s_ur[1]) + (s_ur[2] + s_ur[3]))
+                      + ((t_rr + s_rr[1]) + (s_rr[2] + s_rr[3]));
+            if (R0bi) {
+                const T gj = gi[j];
+                for (e = 0; e < D; ++e) R0bi[j * D + e] = gj * rb[e];
+            }
+            bbi[j] = (t_bb + s_bb[1]) + (s_bb[2] + s_bb[3]);
+            diagi[j] = nb * ((t_uu + s_uu[1]) + (s_uu[2] + s_uu[3]));
             nbi[j] = nb;
             nbar = nb;
         }
