@@ -45,7 +45,7 @@ def value_chunks(chunks, d_value: int | None, dtype: torch.dtype):
     """Chunks of the values (``v.split(C, dim=1)``, in any order) as contiguous [B, C, D_v]
     blocks: slices of v [B, L, D_v], or of one-hot ids [B, L] (d_value given) as one-hot rows
     built one chunk at a time: the floats of F.one_hot(ids, d_value), without its [B, L, D_v]
-    int64 tensor and float copy (at S = 140 in Setting 2, 12% of a training step)."""
+    int64 tensor and float copy (about 9 ms of a 130 ms training step at S = 140 in Setting 2)."""
     for chunk in chunks:
         if d_value is None:
             yield chunk.contiguous()
