@@ -190,7 +190,7 @@ def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, g, n_b
     (models/rules/native.py; the recurrence is in FWMWrite's docstring). Z = K S_out_bar
     [B, C, D_v], s0dot = <S_out_bar, S_0> [B] or None (first chunk), the forward's d, hk,
     n_pre, c, g [B, C], w [B, C, C], U, r, V [B, C, D_v], b [B, C], n_bar [B] -> (U_bar,
-    R_bar, R0_bar = g R_bar or None, nb_all, diag = nb' |u|^2, b_bar [B, C], n_bar)."""
+    R_bar, R0_bar = g R_bar or None, diag = nb' |u|^2, b_bar [B, C], n_bar)."""
     B, C, D_v = U.shape
     d_bar = (Z * U).sum(-1)                                           # [B, C]
     if s0dot is not None:
@@ -221,7 +221,7 @@ def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, g, n_b
     R0_bar = g[:, :, None] * R_bar if s0dot is not None else None     # [B, C, D_v]
     diag = nb_all * U.pow(2).sum(-1)
     b_bar = (U_bar * (V - r)).sum(-1)
-    return U_bar, R_bar, R0_bar, nb_all, diag, b_bar, n_bar
+    return U_bar, R_bar, R0_bar, diag, b_bar, n_bar
 
 
 class FWMWrite(torch.autograd.Function):
@@ -265,14 +265,12 @@ class FWMWrite(torch.autograd.Function):
     def backward(ctx, S_bar):
         k, v, beta = ctx.saved_tensors
         chunk_size, chunks, d_value = ctx.chunk_size, ctx.chunks, ctx.d_value
-        B, D_v = k.shape[0], S_bar.shape[2]
-        n_bar = k.new_zeros(B)                   # adjoint of the norm carried out of a chunk
+        n_bar = k.new_zeros(k.shape[0])          # adjoint of the norm carried out of a chunk
         native = ctx.native
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)),
                                value_chunks(reversed(v.split(chunk_size, dim=1)), d_value, k.dtype),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
-            C = K.shape[1]
             hk, S0, r, U, n_pre, c, g, d, E, w = (ch[name] for name in
                                                   ("hk", "S0", "r", "U", "n_pre", "c", "g", "d", "E", "w"))
             # The chunk's output S_out = d_0 S0 + K^T (d * U).
@@ -280,9 +278,9 @@ class FWMWrite(torch.autograd.Function):
             s0dot = (S_bar * S0).sum((1, 2)) if S0 is not None else None   # [B]
             step_inputs = (Z, d, s0dot, hk, n_pre, c, ch["first"], w, U, r, V, b.contiguous(), g, n_bar)
             if native is not None:               # n_bar updated in place
-                U_bar, R_bar, R0_bar, nb_all, diag, b_bar = backward_steps(native, *step_inputs)
+                U_bar, R_bar, R0_bar, diag, b_bar = backward_steps(native, *step_inputs)
             else:
-                U_bar, R_bar, R0_bar, nb_all, diag, b_bar, n_bar = backward_steps_torch(*step_inputs)
+                U_bar, R_bar, R0_bar, diag, b_bar, n_bar = backward_steps_torch(*step_inputs)
             b_grads.append(b_bar)
             if ctx.needs_input_grad[1]:          # values are one-hot constants in the models
                 v_grads.append(b[:, :, None] * U_bar)

@@ -172,18 +172,17 @@ def forward_steps(library, G, R0, V, b, n, first: bool):
 
 def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, V, b, g, n_bar):
     """One chunk's backward steps (see csrc/fwm_steps_impl.h): (U_bar, R_bar [B, C, D], R0_bar
-    [B, C, D] or None when s0dot is None, nb_all, diag, b_bar [B, C]); n_bar updated in place."""
+    [B, C, D] or None when s0dot is None, diag, b_bar [B, C]); n_bar updated in place."""
     B, C, D = U.shape
     U_bar, R_bar = U.new_empty(B, C, D), U.new_empty(B, C, D)
     R0_bar = U.new_empty(B, C, D) if s0dot is not None else None
-    nb_all, diag, b_bar = U.new_empty(B, C), U.new_empty(B, C), U.new_empty(B, C)
+    diag, b_bar = U.new_empty(B, C), U.new_empty(B, C)
     scratch = U.new_empty(D + C)
     getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
         *_pointers(U.dtype, Z, d, s0dot, hk, n_pre, c), ctypes.c_int(int(first)),
-        *_pointers(U.dtype, w, U, r, V, b, g, n_bar, U_bar, R_bar, R0_bar, nb_all, diag, b_bar,
-                   scratch))
-    return U_bar, R_bar, R0_bar, nb_all, diag, b_bar
+        *_pointers(U.dtype, w, U, r, V, b, g, n_bar, U_bar, R_bar, R0_bar, diag, b_bar, scratch))
+    return U_bar, R_bar, R0_bar, diag, b_bar
 
 
 def delta_answer_forward(library, q, k, beta):

@@ -93,7 +93,7 @@ void NAME(fwm_forward)(long B, long C, long D, const T *G, const T *R0, const T 
  * need no matrix product. In: Z [B,C,D] (K S_out_bar), d [B,C], s0dot [B] (<S_out_bar, S_0>;
  * NULL for the sequence's first chunk), hk, n_pre, c [B,C], first, w [B,C,C], U, r, V [B,C,D],
  * b [B,C], g [B,C], n_bar [B] (in/out). Out: U_bar, R_bar [B,C,D], R0_bar [B,C,D] (g R_bar;
- * not written when s0dot is NULL), nb_all, diag (nb' |u|^2), b_bar [B,C].
+ * not written when s0dot is NULL), diag (nb' |u|^2), b_bar [B,C].
  * scratch: D + C elements. Reverse over j, with the rows rb_t (t > j) already known:
  *   low_j = [n'_j < 1], clip_j = c_j^2 / 2 [n'_j >= 1] (first write: 1 and 0),
  *   cd_j = sum_{s <= j} d_s (Z_s . U_s) (+ s0dot at s = 0),
@@ -104,7 +104,7 @@ VECTOR_CLONES
 void NAME(fwm_backward)(long B, long C, long D, const T *Z, const T *d, const T *s0dot,
                         const T *hk, const T *n_pre, const T *c, int first, const T *w,
                         const T *U, const T *r, const T *V, const T *b, const T *g, T *n_bar,
-                        T *U_bar, T *R_bar, T *R0_bar, T *nb_all, T *diag, T *b_bar,
+                        T *U_bar, T *R_bar, T *R0_bar, T *diag, T *b_bar,
                         T *scratch) {
     T *ub_reads = scratch, *cd = scratch + D;
     for (long i = 0; i < B; ++i) {
@@ -113,7 +113,7 @@ void NAME(fwm_backward)(long B, long C, long D, const T *Z, const T *d, const T 
         const T *Vi = V + i * C * D, *bi = b + i * C, *gi = g + i * C;
         T *Ubi = U_bar + i * C * D, *Rbi = R_bar + i * C * D;
         T *R0bi = s0dot ? R0_bar + i * C * D : NULL;
-        T *nbi = nb_all + i * C, *diagi = diag + i * C, *bbi = b_bar + i * C;
+        T *diagi = diag + i * C, *bbi = b_bar + i * C;
         T acc = 0;
         for (long j = 0; j < C; ++j) {
             T dbar = NAME(dot)(Zi + j * D, Ui + j * D, D);
@@ -169,7 +169,6 @@ void NAME(fwm_backward)(long B, long C, long D, const T *Z, const T *d, const T 
             }
             bbi[j] = (t_bb + s_bb[1]) + (s_bb[2] + s_bb[3]);
             diagi[j] = nb * ((t_uu + s_uu[1]) + (s_uu[2] + s_uu[3]));
-            nbi[j] = nb;
             nbar = nb;
         }
         n_bar[i] = nbar;
