@@ -323,10 +323,10 @@ def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
         return in_blocks(lambda K, X, b: fwm_write(K, X if ids is None else None, b, chunk_size,
                                                    X if ids is not None else None, d_value),
                          block, k, values, beta)
-    native = steps(k, beta) if ids is not None else steps(k, v, beta)
     if not (torch.is_grad_enabled() and (k.requires_grad or beta.requires_grad
                                          or (v is not None and v.requires_grad))):
         # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
+        native = steps(k, beta) if ids is not None else steps(k, v, beta)
         if native is not None:
             return fwm_write_chunks(k, values, beta, int(chunk_size), keep=False, native=native,
                                     d_value=d_value)[0]
