@@ -41,13 +41,15 @@ def _clip_factor(norm: Tensor) -> Tensor:
     return 1.0 / torch.clamp(norm, min=1.0)
 
 
-def value_chunks(chunks, d_value: int | None, dtype: torch.dtype):
-    """Chunks of the values (``v.split(C, dim=1)``, in any order) as contiguous [B, C, D_v]
-    blocks: slices of v [B, L, D_v], or of one-hot ids [B, L] (d_value given) as one-hot rows
-    built one chunk at a time: the floats of F.one_hot(ids, d_value), without its [B, L, D_v]
-    int64 tensor and float copy (about 9 ms of a 130 ms training step at S = 140 in Setting 2)."""
+def value_chunks(chunks, d_value: int | None, dtype: torch.dtype, native=None):
+    """Chunks of the values (``v.split(C, dim=1)``, in any order) as the steps take them:
+    contiguous [B, C, D_v] slices of v [B, L, D_v]; or, for one-hot ids [B, L] (d_value given),
+    contiguous [B, C] id slices for the compiled steps (``native``), which build each one-hot
+    row as they use it, else one-hot rows built one chunk at a time. Both give the floats of
+    F.one_hot(ids, d_value) without its [B, L, D_v] int64 tensor and float copy (about 9 ms of
+    a 130 ms training step at S = 140 in Setting 2)."""
     for chunk in chunks:
-        if d_value is None:
+        if d_value is None or native is not None:
             yield chunk.contiguous()
         else:
             yield chunk.new_zeros(*chunk.shape, d_value, dtype=dtype).scatter_(2, chunk[:, :, None], 1.0)
@@ -128,21 +130,22 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
     n = k.new_zeros(B)
     chunks = []
     for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1),
-                                          value_chunks(v.split(chunk_size, dim=1), d_value, k.dtype),
+                                          value_chunks(v.split(chunk_size, dim=1), d_value,
+                                                       k.dtype, native),
                                           beta.split(chunk_size, dim=1))):
         G = K @ K.transpose(1, 2)                                     # [B, C, C]
         R0 = K @ S if S is not None else None                         # [B, C, D_v]
         if native is not None:                                        # n updated in place
-            hk, E, w, U, r, n_pre, c, g, d, dU = forward_steps(native, G, R0, V, b.contiguous(),
-                                                               n, index == 0)
+            hk, E, w, U, r, n_pre, c, g, d = forward_steps(native, G, R0, V, b.contiguous(), n,
+                                                           index == 0, d_value)
         else:
-            hk, E, w, U, r, n_pre, c, g, d, dU, n = forward_steps_torch(G, R0, V, b, n, index == 0)
+            hk, E, w, U, r, n_pre, c, g, d, n = forward_steps_torch(G, R0, V, b, n, index == 0)
         if keep:
             chunks.append(dict(hk=hk, S0=S, r=r, U=U, n_pre=n_pre, c=c, g=g, d=d, E=E, w=w,
                                first=index == 0))
-        # S_C = d_0 S_0 + K^T (d * U)
-        S = (K.transpose(1, 2) @ dU if S is None
-             else torch.baddbmm(d[:, :1, None] * S, K.transpose(1, 2), dU))   # [B, D_k, D_v]
+        # S_C = d_0 S_0 + K^T (d * U), with d scaling K's D_k columns rather than U's D_v
+        dK = (d[:, :, None] * K).transpose(1, 2)                      # [B, D_k, C]
+        S = dK @ U if S is None else torch.baddbmm(d[:, :1, None] * S, dK, U)  # [B, D_k, D_v]
     if S is None:
         S = k.new_zeros(B, D_k, D_v)
     return S, chunks
@@ -152,7 +155,7 @@ def forward_steps_torch(G, R0, V, b, n, first: bool):
     """One chunk's forward steps in PyTorch, the reference of the compiled ``forward_steps``
     (models/rules/native.py; the recurrence is in FWMWrite's docstring). G = K K^T [B, C, C],
     R0 = K S_0 [B, C, D_v] or None (first chunk), V [B, C, D_v], b [B, C], n [B] -> (hk, E, w,
-    U, r, n_pre, c, g, d, dU, n)."""
+    U, r, n_pre, c, g, d, n)."""
     B, C, D_v = V.shape
     # Every buffer in G's (the keys') dtype: mixed-precision values and beta are promoted.
     hk = 0.5 * G.diagonal(dim1=1, dim2=2)                             # [B, C]: |k_t|^2 / 2
@@ -182,15 +185,15 @@ def forward_steps_torch(G, R0, V, b, n, first: bool):
             torch.rsqrt(n_t.clamp_min(1.0), out=c[:, t])
             n = n_t.clamp_max(1.0)
     d = c.flip(1).cumprod(1).flip(1)                                  # [B, C]: prod_{j >= s} c_j
-    return hk, E, w, U, r, n_pre, c, g, d, d[:, :, None] * U, n
+    return hk, E, w, U, r, n_pre, c, g, d, n
 
 
-def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, g, n_bar):
+def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, n_bar):
     """One chunk's backward steps in PyTorch, the reference of the compiled ``backward_steps``
     (models/rules/native.py; the recurrence is in FWMWrite's docstring). Z = K S_out_bar
     [B, C, D_v], s0dot = <S_out_bar, S_0> [B] or None (first chunk), the forward's d, hk,
-    n_pre, c, g [B, C], w [B, C, C], U, r, V [B, C, D_v], b [B, C], n_bar [B] -> (U_bar,
-    R_bar, R0_bar = g R_bar or None, diag = nb' |u|^2, b_bar [B, C], n_bar)."""
+    n_pre, c [B, C], w [B, C, C], U, r, V [B, C, D_v], b [B, C], n_bar [B] -> (U_bar, R_bar,
+    diag = nb' |u|^2, b_bar [B, C], n_bar)."""
     B, C, D_v = U.shape
     d_bar = (Z * U).sum(-1)                                           # [B, C]
     if s0dot is not None:
@@ -218,10 +221,9 @@ def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, g, n_b
         phi = phi + (rb * r[:, j]).sum(-1)
         nb_all[:, j] = nb
         n_bar = nb
-    R0_bar = g[:, :, None] * R_bar if s0dot is not None else None     # [B, C, D_v]
     diag = nb_all * U.pow(2).sum(-1)
     b_bar = (U_bar * (V - r)).sum(-1)
-    return U_bar, R_bar, R0_bar, diag, b_bar, n_bar
+    return U_bar, R_bar, diag, b_bar, n_bar
 
 
 class FWMWrite(torch.autograd.Function):
@@ -246,7 +248,7 @@ class FWMWrite(torch.autograd.Function):
     and the reads' part Phi_j = sum_{t>j} rb_t . (r_t restricted to sources s <= j and S_0),
     carried as Phi_{j-1} = Phi_j + rb_j . r_j - u_j . sum_{t>j} w_tj rb_t. Afterwards
     wb = tril(Rb U^T, -1), Gb = wb * E + diag(nb' |u|^2), Kb += (Gb + Gb^T) K + g Rb S_0^T and
-    S_0b = d_0 S_out_b + K^T (g Rb). Not twice differentiable.
+    S_0b = d_0 S_out_b + (g K)^T Rb. Not twice differentiable.
     """
 
     @staticmethod
@@ -269,18 +271,20 @@ class FWMWrite(torch.autograd.Function):
         native = ctx.native
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)),
-                               value_chunks(reversed(v.split(chunk_size, dim=1)), d_value, k.dtype),
+                               value_chunks(reversed(v.split(chunk_size, dim=1)), d_value,
+                                            k.dtype, native),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
             hk, S0, r, U, n_pre, c, g, d, E, w = (ch[name] for name in
                                                   ("hk", "S0", "r", "U", "n_pre", "c", "g", "d", "E", "w"))
             # The chunk's output S_out = d_0 S0 + K^T (d * U).
             Z = K @ S_bar                                             # [B, C, D_v]
             s0dot = (S_bar * S0).sum((1, 2)) if S0 is not None else None   # [B]
-            step_inputs = (Z, d, s0dot, hk, n_pre, c, ch["first"], w, U, r, V, b.contiguous(), g, n_bar)
+            step_inputs = (Z, d, s0dot, hk, n_pre, c, ch["first"], w, U, r, V, b.contiguous(), n_bar)
             if native is not None:               # n_bar updated in place
-                U_bar, R_bar, R0_bar, diag, b_bar = backward_steps(native, *step_inputs)
+                U_bar, R_bar, diag, b_bar = backward_steps(native, *step_inputs,
+                                                           one_hot=d_value is not None)
             else:
-                U_bar, R_bar, R0_bar, diag, b_bar, n_bar = backward_steps_torch(*step_inputs)
+                U_bar, R_bar, diag, b_bar, n_bar = backward_steps_torch(*step_inputs)
             b_grads.append(b_bar)
             if ctx.needs_input_grad[1]:          # values are one-hot constants in the models
                 v_grads.append(b[:, :, None] * U_bar)
@@ -288,9 +292,10 @@ class FWMWrite(torch.autograd.Function):
             G_bar = (R_bar @ U.transpose(1, 2)).tril(-1) * E          # [B, C, C]
             G_bar = G_bar + torch.diag_embed(diag)                    # hk = G_tt / 2
             K_bar = torch.baddbmm(K_bar, G_bar + G_bar.transpose(1, 2), K)
-            if S0 is not None:
-                K_bar = torch.baddbmm(K_bar, R0_bar, S0.transpose(1, 2))
-                S_bar = torch.baddbmm(d[:, :1, None] * S_bar, K.transpose(1, 2), R0_bar)
+            if S0 is not None:                   # R0 = K S0 is read as g R0: adjoint g R_bar
+                K_bar.addcmul_(g[:, :, None], R_bar @ S0.transpose(1, 2))
+                S_bar = torch.baddbmm(d[:, :1, None] * S_bar, (g[:, :, None] * K).transpose(1, 2),
+                                      R_bar)
             k_grads.append(K_bar)
         v_grad = torch.cat(v_grads[::-1], dim=1) if v_grads else None
         return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None, None

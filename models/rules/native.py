@@ -53,10 +53,11 @@ SOURCES = [CSRC / "steps.c"]
 HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h",
            CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h", CSRC / "expf_impl.h",
            CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
-FUNCTIONS = ["fwm_forward", "fwm_backward", "delta_answer_forward", "delta_answer_backward",
+FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
              "dpfp_kernel_forward", "dpfp_kernel_backward", "favor_kernel_forward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
-CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward"]   # return 1 on a bad id
+CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
+                     "fwm_forward", "fwm_backward"]
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
 # reassociation, no contraction); random signs made the branches mispredict half the time.
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
@@ -156,33 +157,45 @@ def _pointers(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list:
     return [None if x is None else ctypes.c_void_p(x.data_ptr()) for x in tensors]
 
 
-def forward_steps(library, G, R0, V, b, n, first: bool):
-    """One chunk's forward steps (see csrc/fwm_steps_impl.h): (hk, E, w, U, r, n_pre, c, g, d,
-    dU); n updated in place. G [B, C, C], R0 [B, C, D] or None, V [B, C, D], b [B, C], n [B]."""
-    B, C, D = V.shape
-    hk, n_pre, c, g, d = (V.new_empty(B, C) for _ in range(5))
-    E, w = V.new_empty(B, C, C), V.new_empty(B, C, C)
-    U, r, dU = V.new_empty(B, C, D), V.new_empty(B, C, D), V.new_empty(B, C, D)
-    getattr(library, f"fwm_forward_{SUFFIX[V.dtype]}")(
-        ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
-        *_pointers(V.dtype, G, R0, V, b, n), ctypes.c_int(int(first)),
-        *_pointers(V.dtype, hk, E, w, U, r, n_pre, c, g, d, dU))
-    return hk, E, w, U, r, n_pre, c, g, d, dU
+def _values(dtype: torch.dtype, values: torch.Tensor, one_hot: bool) -> list:
+    """Pointers (V, ids) for the FWM steps: dense values V [B, C, D], or one-hot ids [B, C]."""
+    return [None, _ids(values)] if one_hot else [*_pointers(dtype, values), None]
 
 
-def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, V, b, g, n_bar):
-    """One chunk's backward steps (see csrc/fwm_steps_impl.h): (U_bar, R_bar [B, C, D], R0_bar
-    [B, C, D] or None when s0dot is None, diag, b_bar [B, C]); n_bar updated in place."""
+def forward_steps(library, G, R0, values, b, n, first: bool, d_value: int | None = None):
+    """One chunk's forward steps (see csrc/fwm_steps_impl.h): (hk, E, w, U, r, n_pre, c, g, d);
+    n updated in place. G [B, C, C], R0 [B, C, D] or None, values V [B, C, D] or, with d_value
+    = D, one-hot ids [B, C] (int64), b [B, C], n [B]. IndexError for an id outside 0..D-1."""
+    B, C = b.shape
+    D = d_value if d_value is not None else values.shape[2]
+    hk, n_pre, c, g, d = (b.new_empty(B, C) for _ in range(5))
+    E, w = b.new_empty(B, C, C), b.new_empty(B, C, C)
+    U, r, scratch = b.new_empty(B, C, D), b.new_empty(B, C, D), b.new_empty(D)
+    failed = getattr(library, f"fwm_forward_{SUFFIX[b.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D), *_pointers(b.dtype, G, R0),
+        *_values(b.dtype, values, d_value is not None), *_pointers(b.dtype, b, n),
+        ctypes.c_int(int(first)), *_pointers(b.dtype, hk, E, w, U, r, n_pre, c, g, d, scratch))
+    if failed:
+        raise IndexError(f"a one-hot value id outside 0..{D - 1} in the FWM write")
+    return hk, E, w, U, r, n_pre, c, g, d
+
+
+def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, values, b, n_bar,
+                   one_hot: bool = False):
+    """One chunk's backward steps (see csrc/fwm_steps_impl.h): (U_bar, R_bar [B, C, D], diag,
+    b_bar [B, C]); n_bar updated in place. values: V [B, C, D], or one-hot ids [B, C]."""
     B, C, D = U.shape
     U_bar, R_bar = U.new_empty(B, C, D), U.new_empty(B, C, D)
-    R0_bar = U.new_empty(B, C, D) if s0dot is not None else None
     diag, b_bar = U.new_empty(B, C), U.new_empty(B, C)
-    scratch = U.new_empty(D + C)
-    getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
+    scratch = U.new_empty(2 * D + C)
+    failed = getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
         ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
         *_pointers(U.dtype, Z, d, s0dot, hk, n_pre, c), ctypes.c_int(int(first)),
-        *_pointers(U.dtype, w, U, r, V, b, g, n_bar, U_bar, R_bar, R0_bar, diag, b_bar, scratch))
-    return U_bar, R_bar, R0_bar, diag, b_bar
+        *_pointers(U.dtype, w, U, r), *_values(U.dtype, values, one_hot),
+        *_pointers(U.dtype, b, n_bar, U_bar, R_bar, diag, b_bar, scratch))
+    if failed:
+        raise IndexError(f"a one-hot value id outside 0..{D - 1} in the FWM write")
+    return U_bar, R_bar, diag, b_bar
 
 
 def delta_answer_forward(library, q, k, beta):
