@@ -25,9 +25,9 @@ def test_capacity_sequences_are_bijections(generator):
         assert torch.equal(row_values.sort().values, expected)
 
 
+@pytest.mark.parametrize("S", [6, 40])      # 6: many repeated keys in the overwrite setting
 @pytest.mark.parametrize("setting", ["capacity", "overwrite"])
-def test_targets_are_last_occurrence_values(setting, generator):
-    S = 6  # small S: many repeated keys in the overwrite setting
+def test_targets_are_last_occurrence_values(setting, S, generator):
     batch = sample_batch(setting, S, 200, generator)
     assert batch.length == (S if setting == "capacity" else 2 * S)
     for b in range(batch.batch_size):
@@ -91,3 +91,9 @@ def test_argsort_rows_is_torchs_argsort_exactly_ties_included(n):
     draws[8:12] = (draws[8:12] * 2 ** 12).floor() / 2 ** 12      # a few ties per row
     assert torch.equal(argsort_rows(draws), draws.argsort(dim=1))
     assert torch.equal(argsort_rows(draws[:, :0]), draws[:, :0].argsort(dim=1))
+    assert torch.equal(argsort_rows(draws[:0]), draws[:0].argsort(dim=1))
+    signed = draws.clone()
+    signed[2, 4], signed[2, 9] = -0.0, 0.0                       # -0.0 ties with 0.0
+    assert torch.equal(argsort_rows(signed), signed.argsort(dim=1))
+    for other in (draws - 0.5, draws.double(), draws[:, ::2]):    # negative, float64, strided
+        assert torch.equal(argsort_rows(other), other.argsort(dim=1))
