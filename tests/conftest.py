@@ -15,19 +15,22 @@ def generator():
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "native-chunkwise", "torch"])
 def native_steps(request, monkeypatch):
-    """Run the FWM write's chunk steps, the delta rule's answer, DPFP's and FAVOR+'s kernels,
-    the ELU + 1 and tanh maps and the projection lookups (single and stacked models) compiled
-    (skipped without a C compiler) or in PyTorch."""
+    """Run the FWM write (sequential at small states; "native-chunkwise": its chunk steps
+    always), the delta rule's answer, DPFP's and FAVOR+'s kernels, the ELU + 1 and tanh maps
+    and the projection lookups (single and stacked models) compiled (skipped without a C
+    compiler) or in PyTorch."""
     import models.feature_maps as feature_maps
     import models.retrieval as retrieval
     import models.rules.delta as delta
     import models.rules.fwm as fwm
     from models.rules import native
 
-    if request.param == "native" and native._library() is None:
+    if request.param.startswith("native") and native._library() is None:
         pytest.skip("no C compiler: the native steps are not built")
+    if request.param == "native-chunkwise":
+        monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
     if request.param == "torch":
         for module in (fwm, delta, feature_maps, retrieval):
             monkeypatch.setattr(module, "steps", lambda *tensors: None)

@@ -333,14 +333,25 @@ def test_native_favor_kernel_gradcheck_and_nan(native_steps, generator):
 
 def short_training_fingerprint() -> list:
     """Losses and parameters after a few steps of each model with compiled steps."""
+    sequential = fwm.SEQUENTIAL_STATE_BYTES
+    try:
+        return _fingerprint(sequential)
+    finally:
+        fwm.SEQUENTIAL_STATE_BYTES = sequential
+
+
+def _fingerprint(sequential: int) -> list:
     from tasks import sample_batch
     from training.config import RunConfig
     from training.presets import MODEL_PRESETS
     from training.trainer import make_model, make_optimizer
     results = []
-    for preset, setting, S in [("linear", "capacity", 10), ("dpfp3", "capacity", 12),
-                               ("favor64", "capacity", 10), ("dpfp1-delta", "overwrite", 8),
-                               ("schlag2021-tanh", "overwrite", 6)]:
+    for preset, setting, S, state_bytes in [
+            ("linear", "capacity", 10, sequential), ("dpfp3", "capacity", 12, sequential),
+            ("favor64", "capacity", 10, sequential), ("dpfp1-delta", "overwrite", 8, sequential),
+            ("schlag2021-tanh", "overwrite", 6, sequential),      # the sequential FWM write
+            ("schlag2021-tanh", "overwrite", 6, -1)]:             # its chunk steps
+        fwm.SEQUENTIAL_STATE_BYTES = state_bytes
         torch.manual_seed(0)
         config = RunConfig(setting=setting, num_pairs=S, **{**MODEL_PRESETS[preset], "batch_size": 4})
         model = make_model(config)
@@ -426,3 +437,84 @@ def test_native_pointwise_maps_split_over_threads_change_no_float(monkeypatch, g
         torch.set_num_threads(threads)
     for (y1, g1), (y3, g3) in zip(results[:2], results[2:]):
         assert torch.equal(y1, y3) and torch.equal(g1, g3)
+
+
+def sequential_write_and_grads(k, values, beta, weight, d_value=None):
+    """fwm_write's sequential form (FWMSequential): the state, its evaluation-mode twin and the
+    gradients of <S, weight> for k, beta and (dense values) v."""
+    k = k.clone().requires_grad_()
+    beta = beta.clone().requires_grad_()
+    dense = d_value is None
+    values = values.clone().requires_grad_() if dense else values
+    kwargs = dict(v=values) if dense else dict(v=None, ids=values, d_value=d_value)
+    S = fwm_write(k, beta=beta, **kwargs)
+    assert S.grad_fn is not None and "FWMSequential" in type(S.grad_fn).__name__
+    (S * weight).sum().backward()
+    with torch.no_grad():
+        S_eval = fwm_write(k, beta=beta, **kwargs)
+    return S.detach(), S_eval, k.grad, beta.grad, values.grad if dense else None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("budget", [None, 2000])
+def test_sequential_write_equals_the_float64_loop(dtype, tol, budget, monkeypatch, generator):
+    """State, evaluation and gradients (k, beta, dense v) of the sequential write against
+    fwm_recurrent in float64, the clip active; with a small work budget the backward keeps a
+    checkpoint every 6 positions (L = 31: a ragged last chunk of one)."""
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    if budget is not None:
+        monkeypatch.setattr(fwm, "SEQUENTIAL_WORK_BYTES", budget)
+    B, L, D_k, D_v = 3, 31, 9, 5                   # D_k: a whole vector and a scalar tail
+    assert fwm.checkpoint_interval(L, D_k * D_v * dtype.itemsize) == (1 if budget is None else 6)
+    k = 2 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
+    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
+    weight = torch.randn(B, D_k, D_v, generator=generator, dtype=torch.float64)
+    ours = sequential_write_and_grads(*(x.to(dtype) for x in (k, v, beta, weight)))
+    exact = [x.requires_grad_() for x in (k.clone(), beta.clone(), v.clone())]
+    S = fwm_recurrent(None, exact[0], exact[2], exact[1])[1]
+    grads = torch.autograd.grad((S * weight).sum(), exact)
+    assert S.flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)     # the clip is active
+    for a, b in zip(ours, (S, S, *grads)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    assert all(torch.equal(a, b) for a, b in zip(ours, sequential_write_and_grads(
+        *(x.to(dtype) for x in (k, v, beta, weight)))))                      # deterministic
+
+
+def test_sequential_write_one_hot_ids_equal_dense_values_and_threads_change_no_float(
+        monkeypatch, generator):
+    """One-hot ids give the dense one-hot values' floats; sequences split over threads give
+    one thread's floats; a bad id is an IndexError."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    B, L, D_k, D_v = 5, 20, 16, 7
+    k = torch.tanh(torch.randn(B, L, D_k, generator=generator))
+    ids = torch.randint(0, D_v, (B, L), generator=generator)
+    beta = torch.rand(B, L, generator=generator)
+    weight = torch.randn(B, D_k, D_v, generator=generator)
+    one_hot = sequential_write_and_grads(k, ids, beta, weight, d_value=D_v)
+    dense = sequential_write_and_grads(k, torch.nn.functional.one_hot(ids, D_v).float(), beta,
+                                       weight)
+    assert all(torch.equal(a, b) for a, b in zip(one_hot[:4], dense[:4]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0)
+        split = sequential_write_and_grads(k, ids, beta, weight, d_value=D_v)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one_hot[:4], split[:4]))
+    wrong = ids.clone()
+    wrong[3, 7] = D_v
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(IndexError, match="outside 0..6"):
+            fwm_write(k.clone().requires_grad_(), None, beta, ids=wrong, d_value=D_v)
+
+
+def test_checkpoint_interval_fits_the_budget_or_takes_sqrt(monkeypatch):
+    monkeypatch.setattr(fwm, "SEQUENTIAL_WORK_BYTES", 100 * 1000)
+    assert fwm.checkpoint_interval(40, 1000) == 1            # 40 + 1 states fit
+    assert fwm.checkpoint_interval(400, 1000) == 5           # 80 + 5 fit, 100 + 4 do not
+    assert fwm.checkpoint_interval(400, 10_000) == 20        # nothing fits: sqrt(400)
+    assert fwm.checkpoint_interval(1, 10 ** 9) == 1

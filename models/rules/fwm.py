@@ -26,8 +26,13 @@ later retrievals instead of the [B, D_k, D_v] state.
 ``fwm_write`` (what FWMRule uses) computes the same state the other way round: a step reads
 r_t from the updates u_s written so far in the chunk (one small product, nothing of size
 [C, D_v] written per step), which also keeps its hand-written backward small (``FWMWrite``).
+For small states it writes one position at a time in C instead (``FWMSequential``): the
+state stays in cache and a position costs a pass or two over it, against the chunk's
+products, which only pay off once the state is large.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,14 @@ from torch import Tensor
 
 from models.rules.base import UpdateRule
 from models.rules.blocks import block_size, in_blocks
-from models.rules.native import backward_steps, forward_steps, steps
+from models.rules.native import (backward_steps, forward_steps, fwm_sequential_backward,
+                                 fwm_sequential_forward, steps)
+
+# The sequential write (FWMSequential) for states of at most this many bytes, the chunkwise one
+# (FWMWrite) above: measured on the 2-core CPU, see fwm_write.
+SEQUENTIAL_STATE_BYTES = 16 << 10
+# The sequential backward keeps its checkpoints and a chunk's rebuilt states in about this much.
+SEQUENTIAL_WORK_BYTES = 512 << 10
 
 def _clip_factor(norm: Tensor) -> Tensor:
     return 1.0 / torch.clamp(norm, min=1.0)
@@ -301,16 +313,61 @@ class FWMWrite(torch.autograd.Function):
         return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None, None
 
 
+def checkpoint_interval(length: int, state_bytes: int) -> int:
+    """Positions between the sequential backward's checkpoints: the fewest (fewest states rebuilt)
+    whose checkpoints and rebuilt chunk fit SEQUENTIAL_WORK_BYTES, else about sqrt(L) (the
+    fewest states kept)."""
+    for interval in range(1, length + 1):
+        if (-(-length // interval) + interval) * state_bytes <= SEQUENTIAL_WORK_BYTES:
+            return interval
+    return max(1, math.isqrt(max(length - 1, 0)) + 1)
+
+
+class FWMSequential(torch.autograd.Function):
+    """The final FWM state written one position at a time in C (csrc/fwm_sequential_impl.h),
+    each sequence's [D_v, D_k] state held in cache: forward r_t = W k_t, u_t, the norm and clip
+    of the module doc, W <- c_t (W + u_t k_t^T), keeping r, u, n', c; backward builds the states
+    again from u and c (checkpoints every ``checkpoint_interval`` positions) and runs the
+    positions in reverse (the recurrence is in the C file). The same function as FWMWrite, one
+    pass over the state per position forward and about three back, against FWMWrite's chunk
+    products, which win at large states (``SEQUENTIAL_STATE_BYTES``)."""
+
+    @staticmethod
+    def forward(ctx, k, values, beta, d_value, library):
+        # values: dense v [B, L, D_v], or one-hot ids [B, L] with d_value
+        k, values, beta = k.contiguous(), values.contiguous(), beta.contiguous()
+        W, kept = fwm_sequential_forward(library, k, values, beta, d_value, keep=True)
+        ctx.save_for_backward(k, values, beta, *kept)
+        ctx.d_value, ctx.library = d_value, library
+        return W.transpose(1, 2)                                      # [B, D_k, D_v]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, S_bar):
+        k, values, beta, *kept = ctx.saved_tensors
+        W_bar = S_bar.transpose(1, 2).contiguous()                   # [B, D_v, D_k]
+        interval = checkpoint_interval(k.shape[1], W_bar[0].numel() * W_bar.element_size())
+        k_bar, b_bar, v_bar = fwm_sequential_backward(
+            ctx.library, k, values, beta, kept, W_bar, interval, ctx.d_value,
+            values_grad=ctx.needs_input_grad[1])
+        return k_bar, v_bar, b_bar, None, None
+
+
 def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
               ids: Tensor | None = None, d_value: int | None = None) -> Tensor:
-    """Final FWM state S_L [B, D_k, D_v] by ``FWMWrite`` (lazy reads, hand-written backward).
-    Values dense, v [B, L, D_v], or one-hot, ``fwm_write(k, None, beta, ids=ids, d_value=D_v)``
-    with ids [B, L] long: each chunk's one-hot rows are built when the chunk runs, never the
-    whole [B, L, D_v] matrix (the same floats).
+    """Final FWM state S_L [B, D_k, D_v]. Values dense, v [B, L, D_v], or one-hot,
+    ``fwm_write(k, None, beta, ids=ids, d_value=D_v)`` with ids [B, L] long: each one-hot row is
+    built when it is used, never the whole [B, L, D_v] matrix (the same floats).
 
-    A chunk's per-step read costs O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU
-    at the paper's sizes (B = 128, L = 400, D_v = 200). Without a gradient to compute
-    (evaluation) and under torch.func transforms (vmap, grad) ``fwm_chunkwise`` runs instead."""
+    With the compiled library and a state of at most SEQUENTIAL_STATE_BYTES, ``FWMSequential``
+    (one position at a time in C). Measured forward + backward on the 2-core CPU, B = 128,
+    L = 2 D_v, sequential against chunkwise: D_k = 64, D_v = 20 / 40 / 60 / 80 / 100: 3.1 / 11.0 /
+    24.0 / 49.9 / 85.7 ms against 3.7 / 11.6 / 26.1 / 40.2 / 64.1; D_k = 128, D_v = 10 / 20 /
+    30 / 40: 1.5 / 4.9 / 11.6 / 19.0 against 2.4 / 6.3 / 13.2 / 18.5.
+    Else ``FWMWrite`` (lazy reads, hand-written backward): a chunk's per-step read costs
+    O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU at the paper's sizes
+    (B = 128, L = 400, D_v = 200). Without a gradient to compute (evaluation), the chunkwise
+    forward alone; under torch.func transforms (vmap, grad) ``fwm_chunkwise``."""
     if (v is None) == (ids is None):
         raise ValueError("give either dense values v or one-hot ids")
     if ids is not None and d_value is None:
@@ -323,15 +380,22 @@ def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
         dense = v if ids is None else F.one_hot(ids, d_value).to(k.dtype)
         return fwm_chunkwise(k, dense, beta, int(chunk_size))
     values = v if ids is None else ids                         # [B, L, D_v] or [B, L]
+    grad = torch.is_grad_enabled() and (k.requires_grad or beta.requires_grad
+                                        or (v is not None and v.requires_grad))
+    native = steps(k, beta) if ids is not None else steps(k, v, beta)
+    if native is not None and k.shape[2] * D_v * k.element_size() <= SEQUENTIAL_STATE_BYTES:
+        if grad:
+            return FWMSequential.apply(k, values, beta, d_value, native)
+        W, _ = fwm_sequential_forward(native, k.contiguous(), values.contiguous(),
+                                      beta.contiguous(), d_value)
+        return W.transpose(1, 2)
     block = block_size(k.shape[0], k.shape[2] * D_v * k.element_size(), k.device)
     if k.shape[0] > block:                                     # states in L2 (rules/blocks.py)
         return in_blocks(lambda K, X, b: fwm_write(K, X if ids is None else None, b, chunk_size,
                                                    X if ids is not None else None, d_value),
                          block, k, values, beta)
-    if not (torch.is_grad_enabled() and (k.requires_grad or beta.requires_grad
-                                         or (v is not None and v.requires_grad))):
+    if not grad:
         # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
-        native = steps(k, beta) if ids is not None else steps(k, v, beta)
         if native is not None:
             return fwm_write_chunks(k, values, beta, int(chunk_size), keep=False, native=native,
                                     d_value=d_value)[0]

@@ -50,14 +50,15 @@ import torch
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "steps.c"]
-HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "delta_answer_impl.h",
-           CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h", CSRC / "expf_impl.h",
-           CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
+HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "fwm_sequential_impl.h",
+           CSRC / "delta_answer_impl.h", CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h",
+           CSRC / "expf_impl.h", CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
 FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
              "dpfp_kernel_forward", "dpfp_kernel_backward", "favor_kernel_forward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
-                     "fwm_forward", "fwm_backward"]
+                     "fwm_forward", "fwm_backward",
+                     "fwm_sequential_forward", "fwm_sequential_backward"]
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
 # reassociation, no contraction); random signs made the branches mispredict half the time.
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
@@ -196,6 +197,62 @@ def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, val
     if failed:
         raise IndexError(f"a one-hot value id outside 0..{D - 1} in the FWM write")
     return U_bar, R_bar, diag, b_bar
+
+
+
+def fwm_sequential_forward(library, k, values, b, d_value: int | None = None, keep: bool = False):
+    """The whole FWM write one position at a time (csrc/fwm_sequential_impl.h): k [B, L, D_k],
+    values V [B, L, D_v] or, with d_value = D_v, one-hot ids [B, L] (int64), b [B, L], all
+    contiguous -> W [B, D_v, D_k], the final state transposed, and with keep the backward's
+    inputs (r, u [B, L, D_v], n', c [B, L]), else None. Sequences split over torch's threads
+    (each sequence alone: no float changes). IndexError for an id outside 0..D_v-1."""
+    B, L, D_k = k.shape
+    D_v = d_value if d_value is not None else values.shape[2]
+    W = k.new_empty(B, D_v, D_k)
+    kept = (k.new_empty(B, L, D_v), k.new_empty(B, L, D_v), k.new_empty(B, L),
+            k.new_empty(B, L)) if keep else (None,) * 4
+    function = getattr(library, f"fwm_sequential_forward_{SUFFIX[k.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        scratch = k.new_empty(3 * D_v)                  # named: held until C returns
+        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                               ctypes.c_long(D_k), ctypes.c_long(D_v), *_pointers(k.dtype, k),
+                               *_values(k.dtype, values, d_value is not None),
+                               *_pointers(k.dtype, b, W, *kept, scratch)))
+
+    _over_batch(B, 2 * B * L * D_k * D_v, run)
+    if any(failed):
+        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    return W, (kept if keep else None)
+
+
+def fwm_sequential_backward(library, k, values, b, kept, W_bar, interval: int,
+                            d_value: int | None = None, values_grad: bool = False):
+    """Gradients (k_bar [B, L, D_k], b_bar [B, L], v_bar [B, L, D_v] or None) of
+    ``fwm_sequential_forward`` for dLoss/dW = W_bar [B, D_v, D_k], from what its forward kept,
+    each sequence's states built again with a checkpoint every `interval` positions. v_bar only
+    for dense values asked for (values_grad)."""
+    B, L, D_k = k.shape
+    D_v = W_bar.shape[1]
+    k_bar, b_bar = k.new_empty(B, L, D_k), k.new_empty(B, L)
+    v_bar = k.new_empty(B, L, D_v) if values_grad and d_value is None else None
+    work_size = (-(-L // interval) + interval + 1) * D_v * D_k + 4 * D_v + D_k
+    function = getattr(library, f"fwm_sequential_backward_{SUFFIX[k.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        work = k.new_empty(work_size)                   # named: held until C returns
+        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                               ctypes.c_long(D_k), ctypes.c_long(D_v), ctypes.c_long(interval),
+                               *_pointers(k.dtype, k),
+                               *_values(k.dtype, values, d_value is not None),
+                               *_pointers(k.dtype, b, *kept, W_bar, k_bar, b_bar, v_bar, work)))
+
+    _over_batch(B, 6 * B * L * D_k * D_v, run)
+    if any(failed):
+        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    return k_bar, b_bar, v_bar
 
 
 def delta_answer_forward(library, q, k, beta):

@@ -3,6 +3,9 @@
  *   fwm_steps_impl.h     the per-position steps of one chunk of the FWM write (forward and
  *                        backward; models/rules/fwm.py, FWMWrite), one sequence at a time;
  *                        the chunk's matrix products stay in PyTorch
+ *   fwm_sequential_impl.h  the whole FWM write one position at a time, forward and backward
+ *                        (models/rules/fwm.py, FWMSequential), for states small enough to stay
+ *                        in cache
  *   delta_answer_impl.h  the delta rule's answer to a few queries without its state: the query
  *                        carried backwards through the writes (models/rules/delta.py,
  *                        DeltaAnswer), O(L D Q) per sequence
@@ -41,6 +44,7 @@
 #define NAME(x) x##_f32
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
+#include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "gather_add_impl.h"
@@ -55,6 +59,7 @@
 #define NAME(x) x##_f64
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
+#include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "gather_add_impl.h"
