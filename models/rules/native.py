@@ -4,7 +4,8 @@ Some recurrences are a long run of tiny steps, where PyTorch spends a dispatch (
 a few thousand flops:
 - the FWM write's clip factors make every position of a chunk depend on the one before;
   ``csrc/fwm_steps_impl.h`` runs those steps (forward and backward of one chunk, one sequence
-  at a time), and the chunk's matrix products stay in PyTorch;
+  at a time), and the chunk's matrix products stay in PyTorch; for small states
+  ``csrc/fwm_sequential_impl.h`` runs the whole write, one position at a time;
 - the delta rule's answer to one query carries the query backwards through the writes, O(D_k)
   per position (``csrc/delta_answer_impl.h``);
 - the retrieval model's input projection is two row lookups and a sum, which PyTorch makes as
