@@ -89,9 +89,11 @@ def test_only_cpu_float_tensors():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
 def test_native_steps_equal_the_torch_loop(dtype, tol, D_v, monkeypatch, generator):
     """Forward and backward, with the clip active, several chunks and a ragged last one; the keys
-    come in as a non-contiguous view, as the model's projections can."""
+    come in as a non-contiguous view, as the model's projections can. The chunk steps (these
+    states are small enough for the sequential write, which is off here)."""
     if native.steps(torch.zeros(1, dtype=dtype)) is None:
         pytest.skip("no C compiler: the native FWM steps are not built")
+    monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
     B, L, D_k = 5, 75, 12
     base = 2 * torch.randn(B, D_k, L, generator=generator, dtype=dtype)
     v = torch.randn(B, L, D_v, generator=generator, dtype=dtype)
@@ -518,3 +520,48 @@ def test_checkpoint_interval_fits_the_budget_or_takes_sqrt(monkeypatch):
     assert fwm.checkpoint_interval(400, 1000) == 5           # 80 + 5 fit, 100 + 4 do not
     assert fwm.checkpoint_interval(400, 10_000) == 20        # nothing fits: sqrt(400)
     assert fwm.checkpoint_interval(1, 10 ** 9) == 1
+
+
+def test_sequential_write_gradients_stay_at_their_scale_through_a_long_clipped_sequence(generator):
+    """Through 400 strongly clipped positions the gradients of early positions fall below 1e-40;
+    in float32 each position's error must stay at its own gradient's scale (plus 1e-12 of the
+    largest), as the chunkwise form's does. <dW, W_t>, carried back without its pass, would leave
+    errors of about 1e-7 there."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    B, L, D_k, D_v = 2, 400, 8, 4
+    k = 3 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
+    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
+    weight = torch.randn(B, D_k, D_v, generator=generator, dtype=torch.float64)
+    exact = [x.clone().requires_grad_() for x in (k, v, beta)]
+    reference = torch.autograd.grad((fwm.fwm_chunkwise(*exact, 64) * weight).sum(), exact)
+    ours = sequential_write_and_grads(k.float(), v.float(), beta.float(), weight.float())
+    assert reference[0][:, : L // 2].abs().max() < 1e-30              # the early gradients vanish
+    for got, want in zip((ours[2], ours[4], ours[3]), reference):
+        error = (got.double() - want).abs()
+        assert (error <= 1e-4 * want.abs() + 1e-12 * want.abs().max()).all()
+
+
+@pytest.mark.parametrize("D_k,D_v", [(3, 2), (4, 1), (8, 4), (13, 7)])
+def test_sequential_write_odd_widths_and_intervals(D_k, D_v, generator):
+    """Widths below a vector (8 floats), rows not a multiple of four, checkpoint intervals from 1
+    to past the length: the float64 loop's gradients, in float64."""
+    if native.steps(torch.zeros(1, dtype=torch.float64)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    B, L = 2, 9
+    k = 2 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
+    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
+    W_bar = torch.randn(B, D_v, D_k, generator=generator, dtype=torch.float64)
+    exact = [x.clone().requires_grad_() for x in (k, v, beta)]
+    S = fwm_recurrent(None, *exact)[1]
+    grads = torch.autograd.grad((S * W_bar.transpose(1, 2)).sum(), exact)
+    library = native.steps(k)
+    W, kept = native.fwm_sequential_forward(library, k, v, beta, keep=True)
+    torch.testing.assert_close(W.transpose(1, 2), S.detach(), rtol=1e-12, atol=1e-12)
+    for interval in (1, 2, 4, L, L + 3):
+        k_bar, b_bar, v_bar = native.fwm_sequential_backward(library, k, v, beta, kept, W_bar,
+                                                             interval, values_grad=True)
+        for got, want in zip((k_bar, v_bar, b_bar), grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

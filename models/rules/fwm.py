@@ -315,10 +315,10 @@ class FWMWrite(torch.autograd.Function):
 
 def checkpoint_interval(length: int, state_bytes: int) -> int:
     """Positions between the sequential backward's checkpoints: the fewest (fewest states rebuilt)
-    whose checkpoints and rebuilt chunk fit SEQUENTIAL_WORK_BYTES, else about sqrt(L) (the
-    fewest states kept)."""
+    whose checkpoints, rebuilt chunk and the state's adjoint fit SEQUENTIAL_WORK_BYTES, else
+    about sqrt(L) (the fewest states kept)."""
     for interval in range(1, length + 1):
-        if (-(-length // interval) + interval) * state_bytes <= SEQUENTIAL_WORK_BYTES:
+        if (-(-length // interval) + interval + 1) * state_bytes <= SEQUENTIAL_WORK_BYTES:
             return interval
     return max(1, math.isqrt(max(length - 1, 0)) + 1)
 
@@ -330,7 +330,8 @@ class FWMSequential(torch.autograd.Function):
     again from u and c (checkpoints every ``checkpoint_interval`` positions) and runs the
     positions in reverse (the recurrence is in the C file). The same function as FWMWrite, one
     pass over the state per position forward and about three back, against FWMWrite's chunk
-    products, which win at large states (``SEQUENTIAL_STATE_BYTES``)."""
+    products, which win at large states (``SEQUENTIAL_STATE_BYTES``). The state it returns is a
+    transposed view of the C layout [B, D_v, D_k] (reads take it as it is)."""
 
     @staticmethod
     def forward(ctx, k, values, beta, d_value, library):

@@ -209,6 +209,8 @@ def fwm_sequential_forward(library, k, values, b, d_value: int | None = None, ke
     (each sequence alone: no float changes). IndexError for an id outside 0..D_v-1."""
     B, L, D_k = k.shape
     D_v = d_value if d_value is not None else values.shape[2]
+    if L == 0:
+        raise ValueError("the sequential FWM write needs at least one position")
     W = k.new_empty(B, D_v, D_k)
     kept = (k.new_empty(B, L, D_v), k.new_empty(B, L, D_v), k.new_empty(B, L),
             k.new_empty(B, L)) if keep else (None,) * 4
@@ -236,6 +238,8 @@ def fwm_sequential_backward(library, k, values, b, kept, W_bar, interval: int,
     for dense values asked for (values_grad)."""
     B, L, D_k = k.shape
     D_v = W_bar.shape[1]
+    if L == 0:
+        raise ValueError("the sequential FWM write needs at least one position")
     k_bar, b_bar = k.new_empty(B, L, D_k), k.new_empty(B, L)
     v_bar = k.new_empty(B, L, D_v) if values_grad and d_value is None else None
     work_size = (-(-L // interval) + interval + 1) * D_v * D_k + 4 * D_v + D_k

@@ -11,6 +11,12 @@
  *   W_t = c_t (W_{t-1} + u_t k_t^T),
  * the update of row e fused with the next position's read of it. */
 
+/* The backward carries <dW, W_t> while a bound on its rounding error's part of a position's
+ * gradient stays within this many rounding units of the gradient, and sums it afresh otherwise. */
+#ifndef FWM_X_TOLERANCE
+#define FWM_X_TOLERANCE 64
+#endif
+
 /* The lanes of one accumulator summed as a balanced tree (a fixed order on every machine). */
 static inline __attribute__((always_inline)) T NAME(lanes_sum)(NAME(vec) s) {
     T x[sizeof(NAME(vec)) / sizeof(T)];
@@ -20,6 +26,12 @@ static inline __attribute__((always_inline)) T NAME(lanes_sum)(NAME(vec) s) {
         for (long i = 0; i < n / 2; ++i) x[i] = x[i] + x[i + n / 2];
     return x[0];
 }
+
+/* Relative rounding error of one operation in T, and |x|. */
+static inline __attribute__((always_inline)) T NAME(fwm_eps)(void) {
+    return sizeof(T) == sizeof(float) ? (T)0x1p-24 : (T)0x1p-53;
+}
+static inline __attribute__((always_inline)) T NAME(abs)(T x) { return x < 0 ? -x : x; }
 
 /* W = c (P + u k^T) (P may be W itself), and (knext non-NULL) rnext = W knext with the new rows.
  * Rows go four at a time (four independent sums in flight), the rest one by one. */
@@ -127,45 +139,65 @@ void NAME(fwm_pass1)(long Dv, long Dk, const T *dW, const T *k, const T *u, T *a
     }
 }
 
-/* Pass 2 of a backward position: kb += Wp^T rb, dW <- c dW + rb k^T. Rows four at a time, their
- * kb terms added as (0 + 1) + (2 + 3) before kb. */
+/* Pass 2 of a backward position: kb += Wp^T rb, dW <- c dW + rb k^T; with `inner` (a constant
+ * at each call) also returns <dW, Wp> with the new dW (per row, then the rows in order), else 0.
+ * Rows four at a time, their kb terms added as (0 + 1) + (2 + 3) before kb. */
 static inline __attribute__((always_inline))
-void NAME(fwm_pass2)(long Dv, long Dk, T *dW, const T *Wp, const T *k, const T *rb, T c, T *kb) {
+T NAME(fwm_pass2)(long Dv, long Dk, T *dW, const T *Wp, const T *k, const T *rb, T c, T *kb,
+                  const int inner_wanted) {
     const long lanes = (long)(sizeof(NAME(vec)) / sizeof(T));
+    T inner = 0;
     long e = 0;
     for (; e + 4 <= Dv; e += 4) {
         T *g = dW + e * Dk;
         const T *p = Wp + e * Dk, re[4] = {rb[e], rb[e + 1], rb[e + 2], rb[e + 3]};
+        NAME(vec) ss[4] = {{0}, {0}, {0}, {0}};
         long j = 0;
         for (; j + lanes <= Dk; j += lanes) {
             const NAME(vec) kj = *(const NAME(vec) *)(k + j);
             NAME(vec) y[4], x[4];
             for (int q = 0; q < 4; ++q) {
-                y[q] = re[q] * *(const NAME(vec) *)(p + q * Dk + j);
+                const NAME(vec) pq = *(const NAME(vec) *)(p + q * Dk + j);
+                y[q] = re[q] * pq;
                 x[q] = c * *(const NAME(vec) *)(g + q * Dk + j) + re[q] * kj;
+                if (inner_wanted) ss[q] += x[q] * pq;
             }
             *(NAME(vec) *)(kb + j) += (y[0] + y[1]) + (y[2] + y[3]);
             for (int q = 0; q < 4; ++q) *(NAME(vec) *)(g + q * Dk + j) = x[q];
         }
+        T ts[4] = {0, 0, 0, 0};
         for (; j < Dk; ++j) {
             kb[j] += (re[0] * p[j] + re[1] * p[Dk + j]) + (re[2] * p[2 * Dk + j] + re[3] * p[3 * Dk + j]);
-            for (int q = 0; q < 4; ++q) g[q * Dk + j] = c * g[q * Dk + j] + re[q] * k[j];
+            for (int q = 0; q < 4; ++q) {
+                g[q * Dk + j] = c * g[q * Dk + j] + re[q] * k[j];
+                if (inner_wanted) ts[q] += g[q * Dk + j] * p[q * Dk + j];
+            }
         }
+        if (inner_wanted)
+            for (int q = 0; q < 4; ++q) inner += NAME(lanes_sum)(ss[q]) + ts[q];
     }
     for (; e < Dv; ++e) {
         T *g = dW + e * Dk;
         const T *p = Wp + e * Dk, re = rb[e];
+        NAME(vec) ss = {0};
         long j = 0;
         for (; j + lanes <= Dk; j += lanes) {
             NAME(vec) *x = (NAME(vec) *)(g + j);
-            *(NAME(vec) *)(kb + j) += re * *(const NAME(vec) *)(p + j);
-            *x = c * *x + re * *(const NAME(vec) *)(k + j);
+            const NAME(vec) pj = *(const NAME(vec) *)(p + j);
+            *(NAME(vec) *)(kb + j) += re * pj;
+            const NAME(vec) w = c * *x + re * *(const NAME(vec) *)(k + j);
+            *x = w;
+            if (inner_wanted) ss += w * pj;
         }
+        T ts = 0;
         for (; j < Dk; ++j) {
             kb[j] += re * p[j];
             g[j] = c * g[j] + re * k[j];
+            if (inner_wanted) ts += g[j] * p[j];
         }
+        if (inner_wanted) inner += NAME(lanes_sum)(ss) + ts;
     }
+    return inner;
 }
 
 /* <G, W_L> for the last position's update W_L = c (P + u k^T) (written to W; P = W_{L-1}, may be
@@ -237,7 +269,7 @@ int NAME(fwm_sequential_forward)(long b0, long b1, long L, long Dk, long Dv, con
  * position kept (checkpoints); then chunk by chunk from the end, the chunk's other states are
  * rebuilt from its checkpoint (the same floats as the forward's) and its positions taken in
  * reverse, with the adjoint dW of W_t:
- *   X    = <dW, W_t>, carried back as X_{t-1} = X_t - c u . a + rb . r (no pass over W),
+ *   X    = <dW, W_t>, carried back or summed in pass 2 (see the loop),
  *   a    = dW k,  eu = dW^T u                                  (pass 1 over the rows)
  *   nb'  = nb [n' < 1] - c^2 / 2 [n' >= 1] X                    (the first write: nb)
  *   ub   = c a + 2 nb' (r + 2 hk u),   b_bar = ub . (v - r),   v_bar = b ub,
@@ -274,12 +306,11 @@ int NAME(fwm_sequential_backward)(long b0, long b1, long L, long Dk, long Dv, lo
             NAME(fwm_update)(Dv, Dk, cur, next, us + t * Dv, ki + t * Dk, cs[t], NULL, NULL);
             cur = next;
         }
-        /* X = <dW, W_t>, from the final state, then carried back without a pass over W:
-         * X_{t-1} = X_t - c_t u_t . a_t + rb_t . r_t (dW_{t-1} = c dW_t + rb k^T, r = W_{t-1} k). */
+        /* X = <dW, W_t>: from the final state here, then carried (see below). */
         T X = NAME(fwm_update_dot)(Dv, Dk, cur, dW, us + (L - 1) * Dv, ki + (L - 1) * Dk,
                                    cs[L - 1], W_bar + i * state);
         memcpy(dW, W_bar + i * state, sizeof(T) * state);
-        T nbar = 0;
+        T nbar = 0, E = 0;
         for (long m = chunks - 1; m >= 0; --m) {
             const long t0 = m * C, t1 = t0 + C < L ? t0 + C : L;
             /* The chunk's states: W_{t0-1} is its checkpoint, the others rebuilt from it. */
@@ -292,7 +323,6 @@ int NAME(fwm_sequential_backward)(long b0, long b1, long L, long Dk, long Dv, lo
                 const T *kt = ki + t * Dk;
                 const T *ut = us + t * Dv, *rt = rs + t * Dv, c = cs[t], bt = bi[t];
                 NAME(fwm_pass1)(Dv, Dk, dW, kt, ut, a, eu);
-                const T ua = NAME(dot)(ut, a, Dv);
                 T nb;
                 if (t == 0) nb = nbar;
                 else nb = nps[t] < 1 ? nbar : -(T)0.5 * (c * c) * X;
@@ -312,8 +342,29 @@ int NAME(fwm_sequential_backward)(long b0, long b1, long L, long Dk, long Dv, lo
                 T *kb = kbi + t * Dk;
                 const T su = 2 * nb * NAME(dot)(ut, ut, Dv);
                 for (long j = 0; j < Dk; ++j) kb[j] = c * eu[j] + su * kt[j];
-                NAME(fwm_pass2)(Dv, Dk, dW, Wp, kt, rb, c, kb);
-                X = X - c * ua + NAME(dot)(rb, rt, Dv);
+                /* X_{t-1} = X - c u . a + rb . r (dW_{t-1} = c dW + rb k^T, r = W_{t-1} k) costs
+                 * nothing, but its rounding error does not shrink as X and the gradients do
+                 * through the clips. E bounds that error (from the terms' sizes); X is summed
+                 * afresh in pass 2 when E's part of ub (E (r + 2 hk u), as nb' carries X)
+                 * would pass FWM_X_TOLERANCE rounding units of ub's c a. */
+                const T ca = c * NAME(dot)(ut, a, Dv), rr = NAME(dot)(rb, rt, Dv);
+                const T carried = X - ca + rr;
+                const T bound = E + NAME(fwm_eps)() * 2 * (NAME(abs)(X) + NAME(abs)(ca) + NAME(abs)(rr)
+                                                        + NAME(abs)(carried));
+                T ww = 0;
+                for (long e = 0; e < Dv; ++e) {
+                    const T we = rt[e] + 2 * hk * ut[e];
+                    ww += we * we;
+                }
+                const T limit = (T)FWM_X_TOLERANCE * NAME(fwm_eps)() * c;
+                if (bound * bound * ww > limit * limit * NAME(dot)(a, a, Dv)) {
+                    X = NAME(fwm_pass2)(Dv, Dk, dW, Wp, kt, rb, c, kb, 1);
+                    E = 0;
+                } else {
+                    NAME(fwm_pass2)(Dv, Dk, dW, Wp, kt, rb, c, kb, 0);
+                    X = carried;
+                    E = bound;
+                }
                 nbar = nb;
             }
         }
