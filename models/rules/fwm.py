@@ -362,9 +362,9 @@ def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
 
     With the compiled library and a state of at most SEQUENTIAL_STATE_BYTES, ``FWMSequential``
     (one position at a time in C). Measured forward + backward on the 2-core CPU, B = 128,
-    L = 2 D_v, sequential against chunkwise: D_k = 64, D_v = 20 / 40 / 60 / 80 / 100: 3.1 / 11.0 /
-    24.0 / 49.9 / 85.7 ms against 3.7 / 11.6 / 26.1 / 40.2 / 64.1; D_k = 128, D_v = 10 / 20 /
-    30 / 40: 1.5 / 4.9 / 11.6 / 19.0 against 2.4 / 6.3 / 13.2 / 18.5.
+    L = 2 D_v, sequential against chunkwise: D_k = 64, D_v = 20 / 40 / 60 / 80: 3.3 / 11.7 /
+    25.6 / 57.4 ms against 3.7 / 11.6 / 25.2 / 39.7; D_k = 128, D_v = 10 / 20 / 30 / 40: 1.8 /
+    5.2 / 12.0 / 20.5 against 2.4 / 6.5 / 13.1 / 19.4.
     Else ``FWMWrite`` (lazy reads, hand-written backward): a chunk's per-step read costs
     O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU at the paper's sizes
     (B = 128, L = 400, D_v = 200). Without a gradient to compute (evaluation), the chunkwise

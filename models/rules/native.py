@@ -200,7 +200,6 @@ def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, val
     return U_bar, R_bar, diag, b_bar
 
 
-
 def fwm_sequential_forward(library, k, values, b, d_value: int | None = None, keep: bool = False):
     """The whole FWM write one position at a time (csrc/fwm_sequential_impl.h): k [B, L, D_k],
     values V [B, L, D_v] or, with d_value = D_v, one-hot ids [B, L] (int64), b [B, L], all
