@@ -311,6 +311,27 @@ def thread_rows(budget_s: float) -> list[dict]:
     return rows
 
 
+def machine_description() -> str:
+    """The CPU as /proc/cpuinfo names it (model name, family/model, clock) and the widest vector
+    instruction set PyTorch's kernels use here: figures from machines that differ in these are
+    not comparable."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if not line.strip():
+                    break                           # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']} model {fields.get('model', '?')}"
+        name += f", {float(fields['cpu MHz']):.0f} MHz)" if "cpu MHz" in fields else ")"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset, in about two minutes")
@@ -327,7 +348,8 @@ def main() -> None:
     load = os.getloadavg()
     from models.rules.native import kernel_name
     native = kernel_name()               # compiled FWM / delta-rule steps, or their PyTorch forms
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+    machine = machine_description()
+    print(f"# {machine}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} (default {default_threads} threads; measured with 1), load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, steps {native}{'  [QUICK]' if args.quick else ''}")
     print("# wall = minimum over repeats; cpu = process CPU time of the same block")
@@ -394,10 +416,11 @@ def main() -> None:
     for row in csv_rows:
         fields += [key for key in row if key not in fields]
     with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["machine_load", "native_steps"] + fields)
+        writer = csv.DictWriter(handle, fieldnames=["machine", "machine_load", "native_steps"] + fields)
         writer.writeheader()
         for row in csv_rows:
-            writer.writerow({"machine_load": f"{load[0]:.2f}", "native_steps": native, **row})
+            writer.writerow({"machine": machine, "machine_load": f"{load[0]:.2f}",
+                             "native_steps": native, **row})
     print(f"\nwrote {out}")
 
 

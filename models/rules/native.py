@@ -19,7 +19,8 @@ a few thousand flops:
   with a float32 exp that vectorises (``csrc/expf_impl.h``);
 - elu(x) + 1 and tanh, the feature maps of Linear and of the tanh FWM, are two passes and a
   slow exp in PyTorch; ``csrc/pointwise_impl.h`` makes one pass each way.
-All are compiled from ``csrc/steps.c``, which includes each once per precision.
+All are compiled from ``csrc/steps.c``, which includes each once per precision (the two
+precisions as two compiler processes at once, then linked).
 
 The sources are compiled on first use into one library, with the system's C compiler (``$CC``,
 else ``cc``), in a cache directory (``$FWR_CACHE_DIR``, else
@@ -65,6 +66,7 @@ CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 o
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
          "-fno-trapping-math"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+PRECISIONS = (32, 64)                 # csrc/steps.c's FWR_PRECISION: one object file each
 
 
 def cache_dir() -> Path:
@@ -76,23 +78,54 @@ def cache_dir() -> Path:
 
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob("tmp*.so"):       # left by a process killed mid-build
+    for stale in target.parent.glob("tmp*"):          # left by a process killed mid-build
         try:
             if time.time() - stale.stat().st_mtime > 3600:
-                stale.unlink()
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         except OSError:
             pass
     # Build beside the target and rename: processes compiling at once never see half a file.
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"], check=True,
-                       capture_output=True, timeout=120)
+        with tempfile.TemporaryDirectory(dir=target.parent) as objects:
+            # Each precision compiled by its own process, at once, then linked.
+            compile_flags = [flag for flag in FLAGS if flag != "-shared"]
+            jobs = [subprocess.Popen([compiler, *compile_flags, f"-DFWR_PRECISION={bits}", "-c",
+                                      *map(str, SOURCES), "-o", f"{objects}/steps{bits}.o"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    for bits in PRECISIONS]
+            _finish(jobs)
+            subprocess.run([compiler, *FLAGS, *(f"{objects}/steps{bits}.o" for bits in PRECISIONS),
+                            "-o", partial, "-lm"], check=True, capture_output=True, timeout=120)
         os.chmod(partial, 0o755)             # mkstemp's 0600 would lock out a shared cache's users
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def _finish(jobs: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Wait for every compiler process; CalledProcessError (or TimeoutExpired) if one fails,
+    with none left running."""
+    try:
+        for job in jobs:
+            _, err = job.communicate(timeout=timeout)
+            if job.returncode:
+                raise subprocess.CalledProcessError(job.returncode, job.args, stderr=err)
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+
+
+def build_path(compiler: str) -> Path:
+    """Where the cache keeps the build of these sources with this compiler and these flags."""
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    setup = " ".join([compiler, *FLAGS, platform.machine(), platform.system()])
+    key = hashlib.sha256(code + setup.encode()).hexdigest()
+    return cache_dir() / f"native-{key[:16]}.so"
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,10 +135,7 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or not all(path.is_file() for path in (*SOURCES, *HEADERS)):
         return None
-    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    setup = " ".join([compiler, *FLAGS, platform.machine(), platform.system()])
-    key = hashlib.sha256(code + setup.encode()).hexdigest()
-    target = cache_dir() / f"native-{key[:16]}.so"
+    target = build_path(compiler)
     try:
         if not target.is_file():
             _compile(compiler, target)
