@@ -67,6 +67,8 @@ PAPER_CONFIGS = [
     ("Setting 2, DPFP-2 delta", "overwrite", 200, "dpfp2-delta", 896, None, False),
     ("Setting 2, Schlag (2021) tanh FWM (B 128)", "overwrite", 20, "schlag2021-tanh", 12.4, 0.13, True),
 ]
+# Where the original code's figures above were measured (one thread per run).
+ORIGINAL_MACHINE = "the authors' code on a 2-core AMD EPYC Zen 4 with AVX-512"
 # Largest paper runs, for peak memory (each in its own process).
 RSS_CONFIGS = [("capacity", 600, "favor512"), ("capacity", 600, "dpfp3"),
                ("overwrite", 200, "dpfp2-delta"), ("capacity", 600, "softmax")]
@@ -353,6 +355,8 @@ def main() -> None:
           f"{torch.__version__} (default {default_threads} threads; measured with 1), load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, steps {native}{'  [QUICK]' if args.quick else ''}")
     print("# wall = minimum over repeats; cpu = process CPU time of the same block")
+    print(f"# original figures: {ORIGINAL_MACHINE}; on another CPU the speed-ups against them "
+          "are not the same-machine ones (README, Speed)")
     budget = 1.0 if args.quick else 2.5
     csv_rows = []
 
