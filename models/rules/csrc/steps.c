@@ -41,7 +41,8 @@
 #include "expf_impl.h"
 
 /* FWR_PRECISION=32 or 64 builds one precision alone: native.py compiles the two halves as two
- * processes at once and links them (half the wall time of one build on two cores). */
+ * processes at once and links them (on two cores, the float32 half's time: 10.5 s against
+ * 17.7 s for the whole file on a Zen 1). */
 #if !defined(FWR_PRECISION) || FWR_PRECISION == 32
 #define T float
 #define NAME(x) x##_f32
