@@ -9,9 +9,13 @@
  * (FAVOR+'s floor is -87). Above log(FLT_MAX) the result is inf; NaN stays NaN. */
 
 static inline float fixed_expf(float x) {
-    const float xc = x > 89.0f ? 89.0f : x;                   /* keeps a NaN; 2^n <= 2^128 */
-    const float xn = xc == xc ? xc : 0.0f;                    /* n from a number, never NaN */
-    const float nf = (xn * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round */
+    /* A NaN is computed as 0 and given back at the end. Written as a select on the argument
+     * of the reduction, gcc threaded the NaN lanes through a second copy of the polynomial and
+     * the vector loops computed both: tanh over [128, 40, 64] took 267-314 against 224-226 us,
+     * FAVOR+'s pass 16-18 against 15-16 ms. The floats of every number are unchanged. */
+    const int nan = x != x;
+    const float xc = nan ? 0.0f : (x > 89.0f ? 89.0f : x);    /* 2^n <= 2^128 */
+    const float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round */
     float r = xc - nf * 0.693359375f;                         /* ln2 in two parts, exact */
     r = r - nf * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -28,5 +32,5 @@ static inline float fixed_expf(float x) {
     const uint32_t bits = (uint32_t)(n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return nan ? x + x : p * scale;                           /* x + x: a quiet NaN */
 }
