@@ -26,8 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# ORIGINAL=path/to/fast-weight-transformers/synthetic also times the authors' code here.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py $(if $(ORIGINAL),--original "$(ORIGINAL)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -21,6 +21,10 @@ Prints and writes to CSV:
 4. Five seeds trained together (training/vectorised.py) against one run: wall time of 300
    protocol steps; target <= 2x.
 5. (full run) one vs two torch threads for single runs.
+
+With ``--original PATH`` (the authors' synthetic/ folder, benchmarks/original.py), the original
+code is also timed here, configuration by configuration, and the speed-ups against it on this
+machine are printed beside those against the fixed figures.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from training.presets import MODEL_PRESETS  # noqa: E402
 from models.stacked import StackedRetrievalModel  # noqa: E402
 from training.runtime import tune_allocator  # noqa: E402
 from training.trainer import evaluate, make_model, make_optimizer  # noqa: E402
+from benchmarks.original import OriginalCodeError, check_folder, time_original  # noqa: E402
 
 TRAIN_TARGET, EVAL_TARGET, FLA_TARGET, LOOP_TARGET, RSS_TARGET_MB = 30.0, 100.0, 1.5, 3.0, 2048
 SEED_TARGET = 2.0
@@ -313,6 +318,27 @@ def thread_rows(budget_s: float) -> list[dict]:
     return rows
 
 
+def same_machine(folder, setting: str, num_pairs: int, preset: str, ours: dict,
+                 evaluate: bool, budget_s: float) -> dict:
+    """The original code timed on this machine (benchmarks/original.py) against our timings
+    `ours` (time_paper_config's): prints a 'here' line, returns its CSV fields."""
+    t = time_original(folder, setting, num_pairs, preset, budget_s, evaluate)
+    train_100 = t["step_s"] * 100
+    ratio = t["step_s"] / ours["step_wall"]
+    line = (f"  {'  here, the original code':42s} S={num_pairs:<4d} train {train_100:7.1f} -> "
+            f"{ours['step_wall'] * 100:7.3f} s {ratio:7.1f}x {verdict(ratio >= TRAIN_TARGET)}")
+    fields = dict(here_original_train_s_per_100=round(train_100, 3),
+                  here_train_speedup=round(ratio, 2))
+    if t["eval_s"] is not None:
+        eval_ratio = t["eval_s"] / ours["eval_wall"]
+        line += (f" | eval {t['eval_s']:6.2f} -> {ours['eval_wall']:8.4f} s {eval_ratio:7.1f}x "
+                 f"{verdict(eval_ratio >= EVAL_TARGET)}")
+        fields.update(here_original_eval_s=round(t["eval_s"], 4),
+                      here_eval_speedup=round(eval_ratio, 2))
+    print(line, flush=True)
+    return fields
+
+
 def machine_description() -> str:
     """The CPU as /proc/cpuinfo names it (model name, family/model, clock) and the widest vector
     instruction set PyTorch's kernels use here: figures from machines that differ in these are
@@ -338,11 +364,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset, in about two minutes")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.csv"))
+    parser.add_argument("--original", metavar="PATH",
+                        help="the original code's synthetic/ folder: time it here too")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         setting, num_pairs, preset, steps = args.rss_child
         return rss_child(setting, int(num_pairs), preset, int(steps))
+    try:
+        original = check_folder(args.original) if args.original else None
+    except OriginalCodeError as exc:
+        print(f"bench.py: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -357,6 +390,8 @@ def main() -> None:
     print("# wall = minimum over repeats; cpu = process CPU time of the same block")
     print(f"# original figures: {ORIGINAL_MACHINE}; on another CPU the speed-ups against them "
           "are not the same-machine ones (README, Speed)")
+    if original is not None:
+        print(f"# and the original code timed here, one thread: {original} ('here' rows)")
     budget = 1.0 if args.quick else 2.5
     csv_rows = []
 
@@ -384,6 +419,10 @@ def main() -> None:
             line += (f" | eval {orig_eval:6.2f} -> {t['eval_wall']:8.4f} s {eval_ratio:7.1f}x "
                      f"{verdict(eval_ratio >= EVAL_TARGET)}")
         print(line, flush=True)
+        here = {}
+        if original is not None:
+            here = same_machine(original, setting, num_pairs, preset, t, orig_eval is not None,
+                                budget)
         csv_rows.append(dict(table="paper", config=f"{label} S={num_pairs}",
                              original_train_s_per_100=orig_train, train_s_per_100=round(train_100, 4),
                              train_cpu_s_per_100=round(t["step_cpu"] * 100, 4),
@@ -392,7 +431,8 @@ def main() -> None:
                              train_target=verdict(train_ratio >= TRAIN_TARGET),
                              original_eval_s=orig_eval, eval_s=round(t["eval_wall"], 5),
                              eval_speedup=None if eval_ratio is None else round(eval_ratio, 2),
-                             eval_target=None if eval_ratio is None else verdict(eval_ratio >= EVAL_TARGET)))
+                             eval_target=None if eval_ratio is None else verdict(eval_ratio >= EVAL_TARGET),
+                             **here))
 
     print("\n## Delta-rule kernel, fwd + bwd of (o, S_L), fp32, B = 32, d_v = L / 2, ours C = 32")
     for row in kernel_rows(args.quick, 0.6 if args.quick else 1.5):
