@@ -15,8 +15,10 @@ the projected embedding table: computed as two lookups, never as an (S + d_emb)-
 (in one C pass where the compiled steps run, ``ProjectLookup``).
 For the same reason the values reach the memory as ids (``OneHot``), never as a [B, L, S]
 matrix: the sum rule, the delta rule, FWM and softmax attention then write or read by
-scatter/gather (models/memory.py). ``one_hot_values=False`` passes the dense matrix instead
-(the reference path; tests/test_fast_paths.py checks that both agree).
+scatter/gather (models/memory.py); and softmax attention, whose only use of the keys is q . k_t,
+gets them as the two tables and the ids (``ProjectedKeys``, read without forming the keys).
+``one_hot_values=False`` passes the dense values and keys instead (the reference path;
+tests/test_fast_paths.py checks that both agree).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.memory import FastWeightMemory, OneHot, SoftmaxMemory, per_call_features
-from models.rules.native import gather_add_backward, gather_add_forward, steps
+from models.memory import (FastWeightMemory, OneHot, SoftmaxMemory, per_call_features,
+                           reads_projected_keys)
+from models.projection import ProjectedKeys, ProjectLookup, lookup_sum  # noqa: F401
 from tasks.associative import RetrievalBatch
 
 
@@ -59,7 +62,7 @@ class RetrievalModel(nn.Module):
             nn.init.uniform_(self.W_K.weight, -bound, bound)
             nn.init.uniform_(self.W_Q.weight, -bound, bound)
         self.redraw_generator: torch.Generator | None = None
-        self.one_hot_values = True   # False: dense [B, L, S] value matrix (reference path)
+        self.one_hot_values = True   # False: dense values [B, L, S] and keys (reference path)
 
     @property
     def d_dot(self) -> int | None:
@@ -71,21 +74,27 @@ class RetrievalModel(nn.Module):
             return self.memory.state_size(length or self.num_pairs, self.num_pairs)
         return self.memory.state_size()
 
-    def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:
-        """linear([onehot(v); e(k)]) as lookups (``lookup_sum``): [B, L] ids -> [B, L, out]."""
+    def _projected(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> ProjectedKeys:
+        """linear([onehot(v); e(k)]) for [B, L] ids, as its two [S, out] tables and the ids
+        (models/projection.py)."""
         S = self.num_pairs
         value_columns = linear.weight[:, :S].T                              # [S, out]
         key_table = torch.addmm(linear.bias, self.embedding.weight,
                                 linear.weight[:, S:].T)                     # [S, out], with bias
-        flat = lookup_sum(value_columns, key_table, values.flatten(), keys.flatten())
-        return flat.view(*keys.shape, -1)                                   # [B, L, out]
+        return ProjectedKeys(value_columns[None], key_table[None], values, keys)
+
+    def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:
+        """linear([onehot(v); e(k)]) as lookups (``lookup_sum``): [B, L] ids -> [B, L, out]."""
+        return self._projected(linear, keys, values).dense()
 
     def forward(self, batch: RetrievalBatch) -> Tensor:
         """Retrieved value vectors y [B, Q, S] for every query of the batch."""
         phi = per_call_features(self.memory)
         if phi is not None:
             phi.redraw(self.redraw_generator)
-        k = self._project(self.W_K, batch.keys, batch.values)               # [B, L, D_key]
+        k = self._projected(self.W_K, batch.keys, batch.values)
+        if not (self.one_hot_values and reads_projected_keys(self.memory)):
+            k = k.dense()                                                    # [B, L, D_key]
         q = self.W_Q(self.embedding(batch.queries))                          # [B, Q, D_key]
         beta = (torch.sigmoid(self._project(self.W_b, batch.keys, batch.values).squeeze(-1))
                 if self.W_b is not None else None)                           # [B, L]
@@ -101,40 +110,6 @@ class RetrievalModel(nn.Module):
     def loss(self, batch: RetrievalBatch) -> Tensor:
         """Mean query loss over the real (unmasked) queries."""
         return masked_mean(self.query_losses(batch), batch.query_mask)
-
-
-def lookup_sum(columns: Tensor, table: Tensor, value_ids: Tensor, key_ids: Tensor) -> Tensor:
-    """columns[value_ids] + table[key_ids]: [S, out] tables, [N] ids -> [N, out]; in one C pass
-    (``ProjectLookup``) where the compiled steps run, else two index_selects (the same floats).
-
-    index_select rather than advanced indexing: its backward is an index_add, where
-    indexing's backward (index_put with accumulate) is several times slower on CPU."""
-    library = steps(table)
-    if library is not None and value_ids.dtype == key_ids.dtype == torch.int64:
-        return ProjectLookup.apply(columns.contiguous(), table.contiguous(), value_ids, key_ids,
-                                   library)
-    return columns.index_select(0, value_ids) + table.index_select(0, key_ids)
-
-
-class ProjectLookup(torch.autograd.Function):
-    """value_columns[values] + key_table[keys] ([S, out] tables, [N] ids -> [N, out]) in one
-    pass, in C (models/rules/csrc/gather_add_impl.h); the backward adds the rows back in
-    index_add's order. The same floats as the two index_selects and their sum."""
-
-    @staticmethod
-    def forward(ctx, value_columns, key_table, values, keys, library):
-        values, keys = values.contiguous(), keys.contiguous()
-        ctx.save_for_backward(values, keys)
-        ctx.sizes, ctx.library = (value_columns.shape[0], key_table.shape[0]), library
-        return gather_add_forward(library, value_columns, values, key_table, keys)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        values, keys = ctx.saved_tensors
-        d_columns, d_table = gather_add_backward(ctx.library, grad.contiguous(), ctx.sizes[0],
-                                                 values, ctx.sizes[1], keys)
-        return d_columns, d_table, None, None, None
 
 
 def retrieval_losses(y: Tensor, batch: RetrievalBatch) -> Tensor:

@@ -11,8 +11,8 @@ one per-member part allowed: each member keeps its own draws (``MemberFeatureMap
 the map runs once per member.
 
 Shapes: M members, B sequences per member, L positions, Q queries, S pairs, D_key key width.
-The projections are ``RetrievalModel._project``'s lookups with per-member tables: member m's
-rows sit at offset m * S of the flattened [M * S, .] table.
+The projections are ``RetrievalModel._projected``'s tables, one pair per member
+(``ProjectedKeys``: member m's rows sit at offset m * S of the flattened [M * S, .] tables).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from models.memory import OneHot, per_call_features
+from models.memory import OneHot, per_call_features, reads_projected_keys
 from models.normalisation import normalise
-from models.retrieval import RetrievalModel, lookup_sum
+from models.projection import ProjectedKeys
+from models.retrieval import RetrievalModel
 
 
 def _stack(tensors) -> nn.Parameter:
@@ -132,29 +133,28 @@ class StackedRetrievalModel(nn.Module):
         shape = (self.num_members,) + (1,) * (ids.dim() - 1)
         return ids + self.num_pairs * torch.arange(self.num_members, device=ids.device).view(shape)
 
-    def _project(self, weight: Tensor, bias: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """Per member, linear([onehot(v); e(k)]) as two lookups: keys, values [M, B, L] ->
-        [M * B, L, out]."""
-        M, S = self.num_members, self.num_pairs
-        out = weight.shape[1]
+    def _projected(self, weight: Tensor, bias: Tensor, keys: Tensor, values: Tensor) -> ProjectedKeys:
+        """Per member, linear([onehot(v); e(k)]) as its two tables and the ids: keys, values
+        [M, B, L] -> ProjectedKeys of [M, S, out] tables and [M * B, L] ids."""
+        S = self.num_pairs
         value_columns = weight[:, :, :S].transpose(1, 2)                        # [M, S, out]
         key_table = torch.baddbmm(bias[:, None, :], self.embedding,
                                   weight[:, :, S:].transpose(1, 2))            # [M, S, out]
-        flat = lookup_sum(value_columns.reshape(M * S, out), key_table.reshape(M * S, out),
-                          self._offsets(values).flatten(), self._offsets(keys).flatten())
-        return flat.view(M * keys.shape[1], keys.shape[2], out)
+        return ProjectedKeys(value_columns, key_table, values.flatten(0, 1), keys.flatten(0, 1))
 
     def forward(self, keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
         """keys, values [M, B, L], queries [M, B, Q] (long ids) -> answers y [M, B, Q, S]."""
         M, B, Q = queries.shape
-        k = self._project(self.W_K_weight, self.W_K_bias, keys, values)          # [M * B, L, D_key]
+        k = self._projected(self.W_K_weight, self.W_K_bias, keys, values)
+        if not reads_projected_keys(self.memory):
+            k = k.dense()                                                        # [M * B, L, D_key]
         emb_q = self.embedding.reshape(M * self.num_pairs, -1).index_select(
             0, self._offsets(queries).flatten()).view(M, B * Q, -1)             # [M, B * Q, d_emb]
         q = torch.baddbmm(self.W_Q_bias[:, None, :], emb_q,
                           self.W_Q_weight.transpose(1, 2)).view(M * B, Q, -1)   # [M * B, Q, D_key]
         beta = None
         if self.uses_beta:
-            beta = torch.sigmoid(self._project(self.W_b_weight, self.W_b_bias, keys, values)
-                                 .squeeze(-1))                                    # [M * B, L]
+            beta = torch.sigmoid(self._projected(self.W_b_weight, self.W_b_bias, keys, values)
+                                 .dense().squeeze(-1))                            # [M * B, L]
         v = OneHot(values.reshape(M * B, -1), self.num_pairs)
         return self.memory(k, v, beta, q).view(M, B, Q, -1)

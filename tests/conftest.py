@@ -22,7 +22,7 @@ def native_steps(request, monkeypatch):
     and the projection lookups (single and stacked models) compiled (skipped without a C
     compiler) or in PyTorch."""
     import models.feature_maps as feature_maps
-    import models.retrieval as retrieval
+    import models.projection as projection
     import models.rules.delta as delta
     import models.rules.fwm as fwm
     from models.rules import native
@@ -32,6 +32,6 @@ def native_steps(request, monkeypatch):
     if request.param == "native-chunkwise":
         monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
     if request.param == "torch":
-        for module in (fwm, delta, feature_maps, retrieval):
+        for module in (fwm, delta, feature_maps, projection):
             monkeypatch.setattr(module, "steps", lambda *tensors: None)
     return request.param

@@ -529,7 +529,7 @@ def test_attention_form_answers_training_queries_as_the_memory_does(feature_map,
 def test_projection_lookups_equal_index_select_exactly(generator, monkeypatch):
     """The C lookups (one pass) and the two index_selects give the same floats, forward and
     backward; an id outside the table is an IndexError either way."""
-    import models.retrieval as retrieval
+    import models.projection as projection
     from models.rules import native
     if native.steps(torch.zeros(1)) is None:
         pytest.skip("no C compiler: the native steps are not built")
@@ -550,7 +550,7 @@ def test_projection_lookups_equal_index_select_exactly(generator, monkeypatch):
     assert torch.equal(compiled[0], dense)
     with pytest.raises(IndexError):
         model._project(model.W_K, batch.keys, batch.values + 20)
-    monkeypatch.setattr(retrieval, "steps", lambda *tensors: None)
+    monkeypatch.setattr(projection, "steps", lambda *tensors: None)
     for a, b in zip(compiled, lookups()):
         assert (a is None and b is None) or torch.equal(a, b)
     with pytest.raises(IndexError):
@@ -571,3 +571,54 @@ def test_pair_scores_equal_the_product_of_matrices(num_queries, generator):
         torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(pair_scores, (q, k))
     assert torch.autograd.gradgradcheck(pair_scores, (q, k))
+
+
+@pytest.mark.parametrize("members,num_queries", [(1, 1), (1, 5), (3, 1), (3, 4)])
+def test_projected_key_scores_equal_the_formed_keys(members, num_queries, generator):
+    """ProjectedKeys.scores(q) (q against each member's two tables, then gathers) equals q @ k^T
+    with k = dense(), forward and backward, float64; a member's queries read only its tables."""
+    from models.projection import ProjectedKeys
+    M, B, L, S, D = members, 3, 7, 5, 4
+    tables = [torch.randn(M, S, D, generator=generator, dtype=torch.float64, requires_grad=True)
+              for _ in range(2)]
+    ids = [torch.randint(0, S, (M * B, L), generator=generator) for _ in range(2)]
+    q = torch.randn(M * B, num_queries, D, generator=generator, dtype=torch.float64,
+                    requires_grad=True)
+    weight = torch.randn(M * B, num_queries, L, generator=generator, dtype=torch.float64)
+    keys = ProjectedKeys(*tables, *ids)
+    dense = keys.dense()
+    row = lambda m, b: m * B + b
+    for m in range(M):                                  # member m's rows of its own tables
+        for b in range(B):
+            expected = tables[0][m][ids[0][row(m, b)]] + tables[1][m][ids[1][row(m, b)]]
+            assert torch.equal(dense[row(m, b)], expected)
+
+    def value_and_grads(scores):
+        out = scores()
+        return (out, *torch.autograd.grad((out * weight).sum(), [q, *tables]))
+
+    ours = value_and_grads(lambda: keys.scores(q))
+    reference = value_and_grads(lambda: q @ keys.dense().transpose(1, 2))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_softmax_memory_that_overrides_forward_gets_formed_keys(generator):
+    from models.memory import reads_projected_keys
+    from models.projection import ProjectedKeys
+
+    seen = []
+
+    class Logged(SoftmaxMemory):
+        def forward(self, k, v, beta, q):
+            seen.append(type(k))
+            return super().forward(k, v, beta, q)
+
+    model = build_model(6, "softmax", "sum")
+    assert reads_projected_keys(model.memory) and not reads_projected_keys(Logged(64))
+    batch = sample_batch("capacity", 6, 2, generator)
+    expected = model(batch)
+    model.memory = Logged(64)
+    torch.testing.assert_close(model(batch), expected, rtol=1e-5, atol=1e-6)
+    assert seen == [torch.Tensor]
+    assert ProjectedKeys not in seen

@@ -1,0 +1,96 @@
+"""The retrieval model's key projection as table lookups (models/retrieval.py).
+
+The input at position t is x_t = [onehot(v_t); e(k_t)], so a projection W x_t + b is a column
+of W's value part plus a row of the projected embedding table:
+
+    W x_t + b = columns[v_t] + table[k_t],   columns = W[:, :S]^T,  table = E W[:, S:]^T + b
+
+(``lookup_sum``, one C pass where the compiled steps run: ``ProjectLookup``). ``ProjectedKeys``
+keeps the keys in that form, unformed, so that a memory whose only use of the keys is q . k_t
+(softmax attention) reads q . columns[v_t] + q . table[k_t] from the two [S, D] tables' products
+with q, never forming the [B, L, D] keys.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from models.rules.native import gather_add_backward, gather_add_forward, steps
+
+
+def lookup_sum(columns: Tensor, table: Tensor, value_ids: Tensor, key_ids: Tensor) -> Tensor:
+    """columns[value_ids] + table[key_ids]: [S, out] tables, [N] ids -> [N, out]; in one C pass
+    (``ProjectLookup``) where the compiled steps run, else two index_selects (the same floats).
+
+    index_select rather than advanced indexing: its backward is an index_add, where
+    indexing's backward (index_put with accumulate) is several times slower on CPU."""
+    library = steps(table)
+    if library is not None and value_ids.dtype == key_ids.dtype == torch.int64:
+        return ProjectLookup.apply(columns.contiguous(), table.contiguous(), value_ids, key_ids,
+                                   library)
+    return columns.index_select(0, value_ids) + table.index_select(0, key_ids)
+
+
+class ProjectLookup(torch.autograd.Function):
+    """value_columns[values] + key_table[keys] ([S, out] tables, [N] ids -> [N, out]) in one
+    pass, in C (models/rules/csrc/gather_add_impl.h); the backward adds the rows back in
+    index_add's order. The same floats as the two index_selects and their sum."""
+
+    @staticmethod
+    def forward(ctx, value_columns, key_table, values, keys, library):
+        values, keys = values.contiguous(), keys.contiguous()
+        ctx.save_for_backward(values, keys)
+        ctx.sizes, ctx.library = (value_columns.shape[0], key_table.shape[0]), library
+        return gather_add_forward(library, value_columns, values, key_table, keys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        values, keys = ctx.saved_tensors
+        d_columns, d_table = gather_add_backward(ctx.library, grad.contiguous(), ctx.sizes[0],
+                                                 values, ctx.sizes[1], keys)
+        return d_columns, d_table, None, None, None
+
+
+
+class ProjectedKeys(NamedTuple):
+    """Keys k_t = columns[values_t] + table[keys_t] of M models trained together (one pair of
+    [S, D] tables per member, M = 1 for a single model), kept as tables and ids: columns, table
+    [M, S, D]; values, keys [M * B, L] ids, member m's sequences at rows m B .. (m + 1) B - 1.
+
+    ``dense()`` forms the keys [M * B, L, D] (the lookups, for any memory); ``scores(q)`` gives
+    q . k_t without them (for a memory that reads ``projected keys``: softmax attention)."""
+
+    columns: Tensor
+    table: Tensor
+    values: Tensor
+    keys: Tensor
+
+    def dense(self) -> Tensor:
+        """The keys [M * B, L, D]: ``lookup_sum`` over the flattened [M * S, D] tables, each
+        member's ids shifted to its rows."""
+        M, S, D = self.columns.shape
+        values, keys = self.values, self.keys
+        if M > 1:
+            member = torch.arange(M, device=values.device).repeat_interleave(values.shape[0] // M)
+            values, keys = values + S * member[:, None], keys + S * member[:, None]
+        flat = lookup_sum(self.columns.reshape(M * S, D), self.table.reshape(M * S, D),
+                          values.flatten(), keys.flatten())
+        return flat.view(*self.values.shape, D)
+
+    def scores(self, q: Tensor) -> Tensor:
+        """q_i . k_t for queries q [M * B, Q, D] -> [M * B, Q, L], as q . columns[v_t] +
+        q . table[k_t]: one product of each member's queries with its two tables ([M, B Q, D] x
+        [M, D, 2 S]) and two gathers, instead of forming the [M * B, L, D] keys and their
+        products. The same function as q @ dense()^T, rounded differently."""
+        M, S, D = self.columns.shape
+        MB, Q, _ = q.shape
+        L = self.values.shape[1]
+        tables = torch.cat([self.columns, self.table], dim=1)                   # [M, 2 S, D]
+        products = torch.bmm(q.reshape(M, MB // M * Q, D), tables.transpose(1, 2))
+        products = products.view(MB, Q, 2 * S)                                   # [M * B, Q, 2 S]
+        by_value = products.gather(2, self.values[:, None, :].expand(MB, Q, L))
+        by_key = products.gather(2, (self.keys + S)[:, None, :].expand(MB, Q, L))
+        return by_value + by_key
