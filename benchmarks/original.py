@@ -10,7 +10,8 @@ which numpy 1.24 removed: the name is given back as ``int`` while a data loader 
 taken away again. A training step is what its ``main.train`` runs per step (a batch from
 ``DataLoader.get_batch``, the forward, the one-hot target, the loss, zero_grad, backward, Adam);
 an evaluation is its 20 sequences from ``get_all_queries``, each split into forwards of at most
-the training batch size. Its settings are ``main.run``'s: embedding size int(2.2 S), d = 64,
+the training batch size. Its own timers leave the data out; these include it, as bench.py's
+steps include ``sample_batch``. Its settings are ``main.run``'s: embedding size int(2.2 S), d = 64,
 sequence length S (capacity) or 2 S with replacement (overwrite), and for the tanh FWM batch 128
 and learning rate 1e-4.
 """
@@ -72,8 +73,13 @@ class OriginalRun:
     def __init__(self, folder: Path, setting: str, num_pairs: int, preset: str, seed: int = 1):
         if preset not in ORIGINAL_MODELS:
             raise OriginalCodeError(f"no original counterpart for preset {preset!r}")
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+        for name in MODULES:                 # imported from another folder before: not those
+            module = sys.modules.get(name[:-3])
+            if module is not None and Path(getattr(module, "__file__", "")).parent != folder:
+                del sys.modules[name[:-3]]
+        if str(folder) in sys.path:
+            sys.path.remove(str(folder))
+        sys.path.insert(0, str(folder))
         from associativeRetrievalDataset import DataLoader
         from linearAttention import PrefixSumLinearAttentionModel
         from softmaxAttention import SoftmaxAttentionModel

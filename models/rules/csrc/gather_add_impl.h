@@ -1,5 +1,5 @@
 /* One precision of the retrieval model's input projection as two row lookups
- * (models/retrieval.py, RetrievalModel._project and ProjectLookup): included by steps.c with T
+ * (models/projection.py, lookup_sum and ProjectLookup): included by steps.c with T
  * and NAME(x) defined.
  *     out[r] = A[a[r]] + B[b[r]]                    (rows of width D, ids int64)
  * and its backward, dA[a[r]] += g[r], dB[b[r]] += g[r] with r ascending (index_add's order).

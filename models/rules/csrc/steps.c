@@ -12,7 +12,7 @@
  *   dpfp_kernel_impl.h   DPFP-nu's kernel phi(q) . phi(k) and its backward without the
  *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair
  *   gather_add_impl.h    the retrieval model's input projection as two row lookups and a sum
- *                        (models/retrieval.py, ProjectLookup), forward and backward
+ *                        (models/projection.py, ProjectLookup), forward and backward
  *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
  *                        per (query, key) pair (models/feature_maps.py, FAVORKernel); float32
  *                        with expf_impl.h's exp, float64 with libm's
