@@ -54,7 +54,6 @@ class ProjectLookup(torch.autograd.Function):
         return d_columns, d_table, None, None, None
 
 
-
 class ProjectedKeys(NamedTuple):
     """Keys k_t = columns[values_t] + table[keys_t] of M models trained together (one pair of
     [S, D] tables per member, M = 1 for a single model), kept as tables and ids: columns, table

@@ -12,7 +12,7 @@ Loss: 0.5 * sum_j (y_j - v_j)^2, averaged over queries; a zero output scores exa
 
 Because x_t is a one-hot value next to an embedding, W_K x_t is a column of W_K plus a row of
 the projected embedding table: computed as two lookups, never as an (S + d_emb)-wide product
-(in one C pass where the compiled steps run, ``ProjectLookup``).
+(in one C pass where the compiled steps run: models/projection.py, ``ProjectLookup``).
 For the same reason the values reach the memory as ids (``OneHot``), never as a [B, L, S]
 matrix: the sum rule, the delta rule, FWM and softmax attention then write or read by
 scatter/gather (models/memory.py); and softmax attention, whose only use of the keys is q . k_t,
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from models.memory import (FastWeightMemory, OneHot, SoftmaxMemory, per_call_features,
                            reads_projected_keys)
-from models.projection import ProjectedKeys, ProjectLookup, lookup_sum  # noqa: F401
+from models.projection import ProjectedKeys
 from tasks.associative import RetrievalBatch
 
 
