@@ -23,6 +23,7 @@ from models.retrieval import build_model, retrieval_losses
 from tasks.associative import sample_batch
 from tasks.mqar import mqar_batch, mqar_eval_set, total_vocab_size
 from tasks.evaluation import aggregate_eval_loss, evaluation_set
+from training.adam import LeanAdam
 from training.config import RunConfig
 from training.store import library_versions
 
@@ -171,10 +172,11 @@ def make_task(config: RunConfig):
 
 def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
     """Adam with PyTorch's defaults (the paper's optimiser); the fused kernel where available
-    (same update, fewer passes over memory)."""
+    (same update, fewer passes over memory), called directly by ``LeanAdam`` (training/adam.py:
+    the floats of torch.optim.Adam(fused=True) without its per-step bookkeeping)."""
     parameters = list(parameters)
     try:
-        return torch.optim.Adam(parameters, lr=lr, fused=True)
+        return LeanAdam(parameters, lr=lr)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(parameters, lr=lr)
 
