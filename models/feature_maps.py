@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
-from models.rules.native import (dpfp_kernel_backward, dpfp_kernel_forward, favor_kernel_forward,
+from models.rules.native import (dpfp_features_backward, dpfp_features_forward,
+                                 dpfp_kernel_backward, dpfp_kernel_forward, favor_kernel_forward,
                                  pointwise_backward, pointwise_forward, steps)
 
 
@@ -157,6 +158,9 @@ class DPFP(FeatureMap):
 
     r = relu([x; -x]) in R^{2 D_k}; for every shift j = 1..nu, the products
     r_i * r_{(i - j) mod 2 D_k}; concatenated over j: d_dot = 2 * D_k * nu.
+
+    In one C pass each way where the compiled steps run (``DPFPFeatures``: the same floats,
+    forward and backward), else in PyTorch (``reference``).
     """
 
     nonnegative = True
@@ -172,6 +176,12 @@ class DPFP(FeatureMap):
         return 2 * self.d_key * self.nu
 
     def forward(self, x: Tensor) -> Tensor:
+        library = steps(x)
+        if library is None:
+            return self.reference(x)
+        return DPFPFeatures.apply(x, self.nu, library)
+
+    def reference(self, x: Tensor) -> Tensor:
         r = F.relu(torch.cat([x, -x], dim=-1))                            # [..., 2 D_k]
         return torch.cat([r * r.roll(j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
 
@@ -206,6 +216,29 @@ class DPFP(FeatureMap):
 
     def extra_repr(self) -> str:
         return f"d_key={self.d_key}, nu={self.nu}, d_dot={self.d_dot}"
+
+
+class DPFPFeatures(torch.autograd.Function):
+    """DPFP-nu's features x [..., D_k] -> [..., 2 D_k nu] in one C pass each way
+    (csrc/dpfp_features_impl.h), the floats of ``DPFP.reference`` and of autograd's gradient
+    through it (each r_i's 2 nu product terms summed in autograd's order). Under create_graph
+    the backward differentiates ``DPFP.reference`` instead, so second derivatives flow."""
+
+    @staticmethod
+    def forward(ctx, x, nu, library):
+        ctx.save_for_backward(x)
+        ctx.nu, ctx.library = nu, library
+        return dpfp_features_forward(library, x.contiguous(), nu)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():                                   # create_graph=True
+            y = DPFP(x.shape[-1], ctx.nu).reference(x)
+            (dx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+            return dx, None, None
+        dx = dpfp_features_backward(ctx.library, x.contiguous(), grad.contiguous(), ctx.nu)
+        return dx, None, None
 
 
 class DPFPKernel(torch.autograd.Function):

@@ -251,6 +251,63 @@ def test_native_dpfp_kernel_spreads_a_nan(native_steps, generator):
     assert torch.isnan(kernel[0, 0, 2]) and torch.isfinite(kernel[0, 0, [0, 1, 3, 4]]).all()
 
 
+@pytest.mark.parametrize("nu,D", [(1, 64), (2, 64), (3, 5), (5, 1), (5, 2)])   # nu >= 2 D: wraps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_dpfp_features_give_the_torch_floats(nu, D, dtype, generator):
+    """DPFP-nu's features in one C pass each way (csrc/dpfp_features_impl.h): value and gradient
+    the floats of DPFP.reference and autograd through it, for a strided input with exact zeros
+    (relu's kink) and a NaN; and within float64 rounding of the float64 reference."""
+    from models.feature_maps import DPFP, DPFPFeatures
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    phi = DPFP(D, nu)
+    x0 = torch.randn(3, D, 11, generator=generator, dtype=dtype).transpose(1, 2)   # strided
+    x0[0, 0, 0] = 0.0
+    x0[2, 4, D - 1] = float("nan")
+    weight = torch.randn(3, 11, 2 * D * nu, generator=generator, dtype=dtype)
+    results = []
+    for form in (phi, phi.reference):
+        x = x0.clone().requires_grad_()
+        y = form(x)
+        (y * weight).nan_to_num().sum().backward()
+        results.append((y.detach(), x.grad))
+    (y, dx), (y_ref, dx_ref) = results
+    for ours, theirs in ((y, y_ref), (dx, dx_ref)):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    assert y[2, 4].isnan().any() and not y[:2].isnan().any()       # the NaN stays in its row
+    x = x0.double()[:2].clone().requires_grad_()                 # the sequences without the NaN
+    exact = phi.reference(x)
+    (exact * weight.double()[:2]).sum().backward()
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(y[:2].double(), exact.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dx[:2].double(), x.grad, rtol=tol, atol=tol)
+    # it ran in C: a forward through DPFPFeatures, not the PyTorch graph
+    assert type(phi(x0.clone().requires_grad_()).grad_fn).__name__ == f"{DPFPFeatures.__name__}Backward"
+
+
+def test_native_dpfp_features_pass_gradgradcheck_and_split_over_threads(monkeypatch, generator):
+    from models.feature_maps import DPFP
+    if native.steps(torch.zeros(1, dtype=torch.float64)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    x = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(DPFP(4, 2), (x,)) and torch.autograd.gradgradcheck(DPFP(4, 2), (x,))
+    x0 = torch.randn(7, 13, 6, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count, min_work in ((1, native.PARALLEL_MIN_WORK), (3, 0)):
+            torch.set_num_threads(count)
+            monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
+            x = x0.clone().requires_grad_()
+            y = DPFP(6, 3)(x)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), x.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def favor_terms_reference(s, c, floor):
     """FAVOR+'s kernel terms in float64 PyTorch: (sum of e+ + e-, e+ - e-)."""
     s, c = s.double(), c.double()[..., None]

@@ -14,6 +14,9 @@ a few thousand flops:
 - DPFP-nu's kernel phi(q) . phi(k) is a few passes of width 2 D_k per (query, key) pair, which
   PyTorch makes as separate passes over a [B, Q, L, 2 D_k] block; ``csrc/dpfp_kernel_impl.h``
   makes one pass per pair, forward and backward, and keeps no block;
+- DPFP-nu's features are a cat, a neg, a relu, nu rolls, nu products and a cat in PyTorch, each
+  a pass over [B, L, 2 D_k] or wider (and about twice as many back);
+  ``csrc/dpfp_features_impl.h`` makes one pass each way;
 - FAVOR+'s kernel turns the projections [B, Q, L, m] into exp(+-s - c), their sum and their
   difference, which PyTorch makes as eight passes; ``csrc/favor_kernel_impl.h`` makes one,
   with a float32 exp that vectorises (``csrc/expf_impl.h``);
@@ -53,10 +56,12 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "steps.c"]
 HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "fwm_sequential_impl.h",
-           CSRC / "delta_answer_impl.h", CSRC / "dpfp_kernel_impl.h", CSRC / "gather_add_impl.h",
+           CSRC / "delta_answer_impl.h", CSRC / "dpfp_kernel_impl.h",
+           CSRC / "dpfp_features_impl.h", CSRC / "gather_add_impl.h",
            CSRC / "expf_impl.h", CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
 FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
-             "dpfp_kernel_forward", "dpfp_kernel_backward", "favor_kernel_forward",
+             "dpfp_kernel_forward", "dpfp_kernel_backward", "dpfp_features_forward",
+             "dpfp_features_backward", "favor_kernel_forward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
                      "fwm_forward", "fwm_backward",
@@ -371,6 +376,41 @@ def dpfp_kernel_backward(library, g, q, k, nu: int):
 
     _over_batch(B, B * Q * L * W * (2 * nu + 6), run)
     return dq, dk
+
+
+def dpfp_features_forward(library, x, nu: int):
+    """DPFP-nu's features (csrc/dpfp_features_impl.h): x [..., D] contiguous -> [..., 2 D nu]."""
+    D = x.shape[-1]
+    rows = x.numel() // D if D else 0
+    y = x.new_empty(*x.shape[:-1], 2 * D * nu)
+    function = getattr(library, f"dpfp_features_forward_{SUFFIX[x.dtype]}")
+
+    def run(r0: int, r1: int) -> None:
+        scratch = x.new_empty(2 * D)                  # named: held until C returns
+        function(ctypes.c_long(r1 - r0), ctypes.c_long(D), ctypes.c_long(nu),
+                 *_pointers(x.dtype, x.view(-1, D)[r0:r1], y.view(-1, 2 * D * nu)[r0:r1], scratch))
+
+    if rows:
+        _over_batch(rows, rows * 2 * D * nu * 4, run)
+    return y
+
+
+def dpfp_features_backward(library, x, g, nu: int):
+    """dLoss/dx [..., D] of ``dpfp_features_forward`` for dLoss/dphi = g [..., 2 D nu]."""
+    D = x.shape[-1]
+    rows = x.numel() // D if D else 0
+    dx = torch.empty_like(x)
+    function = getattr(library, f"dpfp_features_backward_{SUFFIX[x.dtype]}")
+
+    def run(r0: int, r1: int) -> None:
+        scratch = x.new_empty(4 * D)                  # named: held until C returns
+        function(ctypes.c_long(r1 - r0), ctypes.c_long(D), ctypes.c_long(nu),
+                 *_pointers(x.dtype, x.view(-1, D)[r0:r1], g.view(-1, 2 * D * nu)[r0:r1],
+                            dx.view(-1, D)[r0:r1], scratch))
+
+    if rows:
+        _over_batch(rows, rows * 2 * D * nu * 8, run)
+    return dx
 
 
 def favor_kernel_forward(library, s, c, floor: float):

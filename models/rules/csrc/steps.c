@@ -11,6 +11,8 @@
  *                        DeltaAnswer), O(L D Q) per sequence
  *   dpfp_kernel_impl.h   DPFP-nu's kernel phi(q) . phi(k) and its backward without the
  *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair
+ *   dpfp_features_impl.h DPFP-nu's features and their backward, one pass each way
+ *                        (models/feature_maps.py, DPFPFeatures)
  *   gather_add_impl.h    the retrieval model's input projection as two row lookups and a sum
  *                        (models/projection.py, ProjectLookup), forward and backward
  *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
@@ -51,6 +53,7 @@
 #include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
 #include "dpfp_kernel_impl.h"
+#include "dpfp_features_impl.h"
 #include "gather_add_impl.h"
 #define EXP(x) fixed_expf(x)
 #include "favor_kernel_impl.h"
@@ -68,6 +71,7 @@
 #include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
 #include "dpfp_kernel_impl.h"
+#include "dpfp_features_impl.h"
 #include "gather_add_impl.h"
 #define EXP(x) exp(x)
 #include "favor_kernel_impl.h"
