@@ -292,20 +292,28 @@ def test_native_dpfp_features_pass_gradgradcheck_and_split_over_threads(monkeypa
         pytest.skip("no C compiler: the native steps are not built")
     x = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(DPFP(4, 2), (x,)) and torch.autograd.gradgradcheck(DPFP(4, 2), (x,))
-    x0 = torch.randn(7, 13, 6, generator=generator)
+    one, split = maps_on_one_and_three_threads(monkeypatch, [DPFP(6, 3)],
+                                               torch.randn(7, 13, 6, generator=generator))
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+
+
+def maps_on_one_and_three_threads(monkeypatch, maps, x0) -> tuple[list, list]:
+    """Each map's output and input gradient (for an all-ones output gradient) on one thread and
+    with the rows split over three (no work threshold): two lists of tensors."""
     threads = torch.get_num_threads()
-    results = []
+    results = ([], [])
     try:
-        for count, min_work in ((1, native.PARALLEL_MIN_WORK), (3, 0)):
+        for out, count, min_work in ((results[0], 1, native.PARALLEL_MIN_WORK), (results[1], 3, 0)):
             torch.set_num_threads(count)
             monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
-            x = x0.clone().requires_grad_()
-            y = DPFP(6, 3)(x)
-            y.backward(torch.ones_like(y))
-            results.append((y.detach(), x.grad))
+            for phi in maps:
+                x = x0.clone().requires_grad_()
+                y = phi(x)
+                y.backward(torch.ones_like(y))
+                out.extend((y.detach(), x.grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    return results
 
 
 def favor_terms_reference(s, c, floor):
@@ -479,22 +487,10 @@ def test_native_pointwise_maps_split_over_threads_change_no_float(monkeypatch, g
     from models.feature_maps import build_feature_map
     if native.steps(torch.zeros(1)) is None:
         pytest.skip("no C compiler: the native steps are not built")
-    x0 = 3 * torch.randn(7, 13, 5, generator=generator)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count, min_work in ((1, native.PARALLEL_MIN_WORK), (3, 0)):
-            torch.set_num_threads(count)
-            monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
-            for name in ("linear", "tanh"):
-                x = x0.clone().requires_grad_()
-                y = build_feature_map(name, 5)(x)
-                y.backward(torch.ones_like(y))
-                results.append((y.detach(), x.grad))
-    finally:
-        torch.set_num_threads(threads)
-    for (y1, g1), (y3, g3) in zip(results[:2], results[2:]):
-        assert torch.equal(y1, y3) and torch.equal(g1, g3)
+    maps = [build_feature_map(name, 5) for name in ("linear", "tanh")]
+    one, split = maps_on_one_and_three_threads(monkeypatch, maps,
+                                               3 * torch.randn(7, 13, 5, generator=generator))
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
 
 
 def sequential_write_and_grads(k, values, beta, weight, d_value=None):
