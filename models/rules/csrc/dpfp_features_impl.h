@@ -60,7 +60,6 @@ void NAME(dpfp_features_backward)(long rows, long D, long nu, const T *x, const 
                         dr[i] = (dr[i] + gj[i] * r[i + down]) + gj[i + up] * r[i + up];
             }
         }
-        const T *xn = x + n * D;
         T *dxn = dx + n * D;
         for (long i = 0; i < D; ++i) {      /* relu's backward passes where r <= 0 is false */
             const T pos = r[i] <= 0 ? (T)0 : dr[i], neg = r[i + D] <= 0 ? (T)0 : dr[i + D];
