@@ -193,7 +193,10 @@ class SoftmaxMemory(nn.Module):
     (models/projection.py). With one query per sequence (training) the scores are then read
     from the products of q with the key projection's two tables, without the [B, L, D] keys
     (Setting 1, Softmax, per training step, interleaved runs on a noisy machine: S = 600
-    9.3-11.4 to 7.5-9.0 ms, one run at 11.5; S = 300 3.2-4.5 to 2.8-3.2 ms)."""
+    9.3-11.4 to 7.5-9.0 ms, one run at 11.5; S = 300 3.2-4.5 to 2.8-3.2 ms), and from the
+    embedding table's factors rather than the projected table (``ProjectedKeys.reads_factors``:
+    interleaved on the 2-core Zen 4, S = 300 3.6-4.2 against 4.3-5.3 ms, S = 600 8.1-10.8
+    against 9.1-12.8 ms)."""
 
     uses_beta = False
     reads_projected_keys = True

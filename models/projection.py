@@ -6,9 +6,10 @@ of W's value part plus a row of the projected embedding table:
     W x_t + b = columns[v_t] + table[k_t],   columns = W[:, :S]^T,  table = E W[:, S:]^T + b
 
 (``lookup_sum``, one C pass where the compiled steps run: ``ProjectLookup``). ``ProjectedKeys``
-keeps the keys in that form, unformed, so that a memory whose only use of the keys is q . k_t
-(softmax attention) reads q . columns[v_t] + q . table[k_t] from the two [S, D] tables' products
-with q, never forming the [B, L, D] keys.
+keeps the keys in that form, unformed (the table as its factors E, W[:, S:] and b), so that a
+memory whose only use of the keys is q . k_t (softmax attention) reads q . columns[v_t] +
+q . table[k_t] from the tables' products with q, never forming the [B, L, D] keys; and with few
+queries, q . table[k] = q . b + (q W[:, S:]) . E[k] without forming the table either.
 """
 from __future__ import annotations
 
@@ -55,17 +56,30 @@ class ProjectLookup(torch.autograd.Function):
 
 
 class ProjectedKeys(NamedTuple):
-    """Keys k_t = columns[values_t] + table[keys_t] of M models trained together (one pair of
-    [S, D] tables per member, M = 1 for a single model), kept as tables and ids: columns, table
-    [M, S, D]; values, keys [M * B, L] ids, member m's sequences at rows m B .. (m + 1) B - 1.
+    """Keys k_t = columns[values_t] + table[keys_t] of M models trained together (one set of
+    tables per member, M = 1 for a single model), kept as tables and ids: columns [M, S, D];
+    the table as its factors, table = bias + embedding weight^T (embedding [M, S, E], weight
+    [M, D, E], the projection's embedding part, bias [M, D]; a single model passes its own
+    [S, E], [D, E] and [D] tensors, so that their gradients arrive whole rather than as views
+    of [1, ...] ones); values, keys [M * B, L] ids, member m's sequences at rows
+    m B .. (m + 1) B - 1.
 
     ``dense()`` forms the keys [M * B, L, D] (the lookups, for any memory); ``scores(q)`` gives
     q . k_t without them (for a memory that reads ``projected keys``: softmax attention)."""
 
     columns: Tensor
-    table: Tensor
+    embedding: Tensor
+    weight: Tensor
+    bias: Tensor
     values: Tensor
     keys: Tensor
+
+    @property
+    def table(self) -> Tensor:
+        """The projected embedding table bias + embedding weight^T, [M, S, D]."""
+        if self.embedding.dim() == 2:             # one model: the product nn.Linear would run
+            return torch.addmm(self.bias, self.embedding, self.weight.T)[None]
+        return torch.baddbmm(self.bias[:, None, :], self.embedding, self.weight.transpose(1, 2))
 
     def dense(self) -> Tensor:
         """The keys [M * B, L, D]: ``lookup_sum`` over the flattened [M * S, D] tables, each
@@ -79,16 +93,44 @@ class ProjectedKeys(NamedTuple):
                           values.flatten(), keys.flatten())
         return flat.view(*self.values.shape, D)
 
+    def reads_factors(self, num_queries: int) -> bool:
+        """Whether ``scores`` of num_queries queries per member reads the table's factors
+        (N D E + N E S multiply-adds) rather than the table (S E D + N D S)."""
+        _, S, D = self.columns.shape
+        E, N = self.embedding.shape[-1], num_queries
+        return N * E * (D + S) < S * E * D + N * D * S
+
     def scores(self, q: Tensor) -> Tensor:
         """q_i . k_t for queries q [M * B, Q, D] -> [M * B, Q, L], as q . columns[v_t] +
-        q . table[k_t]: one product of each member's queries with its two tables ([M, B Q, D] x
-        [M, D, 2 S]) and two gathers, instead of forming the [M * B, L, D] keys and their
-        products. The same function as q @ dense()^T, rounded differently."""
+        q . table[k_t]: each member's N = B Q queries against its tables, then two gathers,
+        instead of forming the [M * B, L, D] keys and their products. The same function as
+        q @ dense()^T, rounded differently.
+
+        The key half comes from the table, [N, D] x [D, S] after the table's S E D
+        multiply-adds, or from its factors, q . b + (q W) E^T, N D E + N E S: the factors
+        where they cost less, which is when N (D + S) < S D roughly (training's one query per
+        sequence at S >= 100; not evaluation's S queries)."""
         M, S, D = self.columns.shape
         MB, Q, _ = q.shape
         L = self.values.shape[1]
-        tables = torch.cat([self.columns, self.table], dim=1)                   # [M, 2 S, D]
-        products = torch.bmm(q.reshape(M, MB // M * Q, D), tables.transpose(1, 2))
+        N = MB // M * Q
+        queries = q.reshape(M, N, D)
+        if self.reads_factors(N):
+            # Transposed, [M, S, N]: the embedding's gradient comes out in its own layout.
+            columns_q = queries.transpose(1, 2)                                 # [M, D, N]
+            if self.embedding.dim() == 2:
+                q_one = columns_q[0]                                            # [D, N]
+                by_table = torch.addmm(self.bias[None, :] @ q_one, self.embedding,
+                                       self.weight.T @ q_one)[None]
+            else:
+                by_table = torch.baddbmm(torch.bmm(self.bias[:, None, :], columns_q),
+                                         self.embedding,
+                                         torch.bmm(self.weight.transpose(1, 2), columns_q))
+            products = torch.cat([torch.bmm(self.columns, columns_q), by_table], dim=1)
+            products = products.transpose(1, 2).contiguous()                    # [M, N, 2 S]
+        else:
+            tables = torch.cat([self.columns, self.table], dim=1)               # [M, 2 S, D]
+            products = torch.bmm(queries, tables.transpose(1, 2))               # [M, N, 2 S]
         products = products.view(MB, Q, 2 * S)                                   # [M * B, Q, 2 S]
         by_value = products.gather(2, self.values[:, None, :].expand(MB, Q, L))
         by_key = products.gather(2, (self.keys + S)[:, None, :].expand(MB, Q, L))

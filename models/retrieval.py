@@ -79,9 +79,8 @@ class RetrievalModel(nn.Module):
         (models/projection.py)."""
         S = self.num_pairs
         value_columns = linear.weight[:, :S].T                              # [S, out]
-        key_table = torch.addmm(linear.bias, self.embedding.weight,
-                                linear.weight[:, S:].T)                     # [S, out], with bias
-        return ProjectedKeys(value_columns[None], key_table[None], values, keys)
+        return ProjectedKeys(value_columns[None], self.embedding.weight, linear.weight[:, S:],
+                             linear.bias, values, keys)
 
     def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:
         """linear([onehot(v); e(k)]) as lookups (``lookup_sum``): [B, L] ids -> [B, L, out]."""

@@ -138,9 +138,8 @@ class StackedRetrievalModel(nn.Module):
         [M, B, L] -> ProjectedKeys of [M, S, out] tables and [M * B, L] ids."""
         S = self.num_pairs
         value_columns = weight[:, :, :S].transpose(1, 2)                        # [M, S, out]
-        key_table = torch.baddbmm(bias[:, None, :], self.embedding,
-                                  weight[:, :, S:].transpose(1, 2))            # [M, S, out]
-        return ProjectedKeys(value_columns, key_table, values.flatten(0, 1), keys.flatten(0, 1))
+        return ProjectedKeys(value_columns, self.embedding, weight[:, :, S:], bias,
+                             values.flatten(0, 1), keys.flatten(0, 1))
 
     def forward(self, keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
         """keys, values [M, B, L], queries [M, B, Q] (long ids) -> answers y [M, B, Q, S]."""

@@ -573,24 +573,37 @@ def test_pair_scores_equal_the_product_of_matrices(num_queries, generator):
     assert torch.autograd.gradgradcheck(pair_scores, (q, k))
 
 
-@pytest.mark.parametrize("members,num_queries", [(1, 1), (1, 5), (3, 1), (3, 4)])
-def test_projected_key_scores_equal_the_formed_keys(members, num_queries, generator):
-    """ProjectedKeys.scores(q) (q against each member's two tables, then gathers) equals q @ k^T
-    with k = dense(), forward and backward, float64; a member's queries read only its tables."""
+@pytest.mark.parametrize("members,num_queries,single", [(1, 1, False), (1, 5, False), (3, 1, False),
+                                                        (3, 4, False), (1, 1, True), (1, 5, True)])
+def test_projected_key_scores_equal_the_formed_keys(members, num_queries, single, generator):
+    """ProjectedKeys.scores(q) (q against each member's tables or, with few queries, the key
+    table's factors; then gathers) equals q @ k^T with k = dense(), forward and backward,
+    float64; a member's queries read only its tables. ``single``: the factors as a single
+    model passes them, without the member dimension."""
     from models.projection import ProjectedKeys
-    M, B, L, S, D = members, 3, 7, 5, 4
-    tables = [torch.randn(M, S, D, generator=generator, dtype=torch.float64, requires_grad=True)
-              for _ in range(2)]
+    M, B, L, S, D, E = members, 3, 7, 5, 4, 6
+    shapes = [(M, S, D), (M, S, E), (M, D, E), (M, D)]      # columns, embedding, weight, bias
+    tables = [torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+              for shape in shapes]
+    if single:
+        tables = [tables[0]] + [t.detach()[0].requires_grad_() for t in tables[1:]]
     ids = [torch.randint(0, S, (M * B, L), generator=generator) for _ in range(2)]
     q = torch.randn(M * B, num_queries, D, generator=generator, dtype=torch.float64,
                     requires_grad=True)
     weight = torch.randn(M * B, num_queries, L, generator=generator, dtype=torch.float64)
     keys = ProjectedKeys(*tables, *ids)
+    # One query per sequence reads the factors here (B (D + S) < S D for these sizes), more
+    # read the formed table: both forms are checked.
+    assert keys.reads_factors(B * num_queries) == (num_queries == 1)
+    columns = tables[0]
+    embedding, projection, bias = (t if not single else t[None] for t in tables[1:])
     dense = keys.dense()
     row = lambda m, b: m * B + b
     for m in range(M):                                  # member m's rows of its own tables
+        table = bias[m] + embedding[m] @ projection[m].T
+        torch.testing.assert_close(keys.table[m], table, rtol=1e-14, atol=1e-14)
         for b in range(B):
-            expected = tables[0][m][ids[0][row(m, b)]] + tables[1][m][ids[1][row(m, b)]]
+            expected = columns[m][ids[0][row(m, b)]] + keys.table[m][ids[1][row(m, b)]]
             assert torch.equal(dense[row(m, b)], expected)
 
     def value_and_grads(scores):
