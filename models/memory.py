@@ -120,11 +120,23 @@ class FastWeightMemory(nn.Module):
     def state_size(self) -> int:
         return self.rule.state_size()
 
-    def forward(self, k: Tensor, v: Tensor | OneHot, beta: Tensor | None, q: Tensor) -> Tensor:
-        """k [B, L, D_key], v [B, L, D_v] or OneHot, beta [B, L] or None, q [B, Q, D_key]
-        -> [B, Q, D_v]."""
-        if self.use_kernel(v, q.shape[1], k.shape[1]):
+    # The retrieval model's keys may come as ``ProjectedKeys`` (tables and ids): formed here,
+    # unless phi's kernel reads them so (``kernel_reads_projected_keys``: FAVOR+).
+    reads_projected_keys = True
+
+    def forward(self, k: Tensor | ProjectedKeys, v: Tensor | OneHot, beta: Tensor | None,
+                q: Tensor) -> Tensor:
+        """k [B, L, D_key] or ProjectedKeys, v [B, L, D_v] or OneHot, beta [B, L] or None,
+        q [B, Q, D_key] -> [B, Q, D_v]."""
+        projected = isinstance(k, ProjectedKeys)
+        if self.use_kernel(v, q.shape[1], k.values.shape[1] if projected else k.shape[1]):
+            if projected and not (getattr(self.phi, "kernel_reads_projected_keys", False)
+                                  and written_together(self.phi, "kernel_reads_projected_keys",
+                                                       "kernel")):
+                k = k.dense()
             return self.rule.attend_one_hot(self.phi.kernel(q, k), v.ids)
+        if projected:
+            k = k.dense()
         phi_k = self.normalised(k, self.rule.key_norm, 0.0)
         phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
         if self.use_attention(v, q.shape[1], k.shape[1]):

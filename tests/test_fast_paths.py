@@ -386,6 +386,47 @@ def test_favor_kernel_backward_equals_autograd_of_the_features(scale, dtype, nat
         assert (log_terms < exp_floor(dtype)).any()
 
 
+def test_favor_kernel_reads_projected_keys_unless_a_subclass_overrides_it(generator, monkeypatch):
+    """A FAVOR+ model's training step hands its kernel the keys as tables and ids; a map that
+    overrides ``kernel`` (and a memory that overrides ``forward``) gets the formed keys."""
+    import models.feature_maps as feature_maps
+    from models.feature_maps import FAVORPlus
+    from models.memory import FastWeightMemory
+    from models.projection import ProjectedKeys
+
+    seen = []
+    real = feature_maps.favor_projected_kernel
+    monkeypatch.setattr(feature_maps, "favor_projected_kernel",
+                        lambda q, k, omega: seen.append("tables") or real(q, k, omega))
+
+    class Logged(FAVORPlus):
+        def kernel(self, q, k):
+            seen.append(type(k))
+            return super().kernel(q, k)
+
+    class LoggedMemory(FastWeightMemory):
+        def forward(self, k, v, beta, q):
+            seen.append(type(k))
+            return super().forward(k, v, beta, q)
+
+    torch.manual_seed(0)
+    model = build_model(12, "favor", "sum", feature_options={"m": 16, "redraw": "fixed"})
+    batch = sample_batch("capacity", 12, 3, generator)
+    expected = model(batch)
+    assert seen == ["tables"]
+    seen.clear()
+    phi = Logged(64, m=16, redraw="fixed")
+    phi.load_state_dict(model.memory.phi.state_dict())
+    phi.omega = model.memory.phi.omega
+    model.memory.phi = phi
+    torch.testing.assert_close(model(batch), expected, rtol=1e-5, atol=1e-6)
+    assert seen == [torch.Tensor]
+    seen.clear()
+    model.memory = LoggedMemory(model.memory.phi, model.memory.rule)
+    torch.testing.assert_close(model(batch), expected, rtol=1e-5, atol=1e-6)
+    assert seen == [torch.Tensor, torch.Tensor] and ProjectedKeys not in seen
+
+
 def test_kernel_form_answers_training_queries_and_memory_answers_evaluation(generator):
     model = build_model(30, "dpfp", "sum", feature_options={"nu": 3})
     memory = model.memory

@@ -397,6 +397,76 @@ def test_native_favor_kernel_gradcheck_and_nan(native_steps, generator):
     assert torch.isnan(kernel[1, :, 3]).all() and torch.isfinite(kernel[0]).all()
 
 
+def projected_favor_inputs(generator, dtype, num_queries, B=3, L=7, S=5, D=4, E=6, m=9):
+    """q, ProjectedKeys of one model (its factors, as RetrievalModel passes them) and Omega."""
+    from models.projection import ProjectedKeys
+    shapes = [(1, S, D), (S, E), (D, E), (D,)]               # columns, embedding, weight, bias
+    tables = [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
+              for shape in shapes]
+    ids = [torch.randint(0, S, (B, L), generator=generator) for _ in range(2)]
+    q = torch.randn(B, num_queries, D, generator=generator, dtype=dtype, requires_grad=True)
+    omega = torch.randn(m, D, generator=generator, dtype=dtype)
+    return q, ProjectedKeys(*tables, *ids), omega
+
+
+@pytest.mark.parametrize("num_queries", [1, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_favor_projected_kernel_equals_the_kernel_of_the_formed_keys(num_queries, dtype, tol,
+                                                                     native_steps, generator):
+    """FAVOR+'s kernel read from the keys' projected tables (in C, or its PyTorch form) equals
+    FAVORKernel on the formed keys, value and gradients of q and of every table, against
+    float64; odd m leaves a tail after the C sum's eight lanes."""
+    from models.feature_maps import FAVORKernel, favor_projected_kernel
+    q, keys, omega = projected_favor_inputs(generator, dtype, num_queries)
+    weight = torch.randn(3, num_queries, 7, generator=generator, dtype=dtype)
+    inputs = [q, *keys[:4]]
+
+    def value_and_grads(form, cast):
+        out = form(*(cast(x) for x in (q, keys, omega)))
+        return (out, *torch.autograd.grad((out * cast(weight)).sum(), inputs))
+
+    double = lambda x: x.double() if x.is_floating_point() else x
+    as_double = lambda x: type(x)(*(double(t) for t in x)) if isinstance(x, tuple) else double(x)
+    ours = value_and_grads(favor_projected_kernel, lambda x: x)
+    reference = value_and_grads(lambda q, k, w: FAVORKernel.apply(q, k.dense(), w), as_double)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_favor_projected_kernel_gradcheck_threads_and_bad_ids(native_steps, monkeypatch, generator):
+    from models.feature_maps import favor_projected_kernel
+    from models.projection import ProjectedKeys
+    q, keys, omega = projected_favor_inputs(generator, torch.float64, 2)
+    kernel = lambda q, *tables: favor_projected_kernel(q, ProjectedKeys(*tables, *keys[4:]), omega)
+    assert torch.autograd.gradcheck(kernel, (q, *keys[:4]))
+    if native_steps == "torch":
+        return
+    q, keys, omega = projected_favor_inputs(generator, torch.float32, 2, B=5, L=40, m=64)
+    one, split = [], []
+    threads = torch.get_num_threads()
+    try:
+        for out, count, min_work in ((one, 1, native.PARALLEL_MIN_WORK), (split, 3, 0)):
+            torch.set_num_threads(count)
+            monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
+            value = favor_projected_kernel(q, keys, omega)
+            out.extend((value, *torch.autograd.grad(value.sum(), [q, *keys[:4]])))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+    library = native.steps(q)
+    tables = [torch.randn(5, 64) for _ in range(2)]
+    ids = torch.randint(0, 5, (5, 40))
+    bad = ids.clone()
+    bad[2, 7] = 5
+    for a, k in ((bad, ids), (ids, bad)):
+        with pytest.raises(IndexError):
+            native.favor_projected_forward(library, tables[0], a, tables[1], k,
+                                           torch.randn(5, 2, 64), torch.randn(5, 2, 40), -87.0)
+        with pytest.raises(IndexError):
+            native.favor_projected_backward(library, torch.randn(5, 2, 40),
+                                            torch.randn(5, 2, 40, 64), 5, a, 5, k)
+
+
 def short_training_fingerprint() -> list:
     """Losses and parameters after a few steps of each model with compiled steps."""
     sequential = fwm.SEQUENTIAL_STATE_BYTES

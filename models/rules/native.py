@@ -64,6 +64,7 @@ FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
              "dpfp_features_backward", "favor_kernel_forward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
+                     "favor_projected_forward", "favor_projected_backward",
                      "fwm_forward", "fwm_backward",
                      "fwm_sequential_forward", "fwm_sequential_backward"]
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
@@ -430,6 +431,47 @@ def favor_kernel_forward(library, s, c, floor: float):
 
     _over_batch(rows, rows * m * 8, run)
     return K
+
+
+def favor_projected_forward(library, A, a, C, k, p, c, floor: float):
+    """FAVOR+'s kernel terms for keys as two row lookups (csrc/favor_kernel_impl.h): tables
+    A [NA, m], C [NC, m], ids a, k [B, L] int64, p [B, Q, m], c [B, Q, L] (one dtype,
+    contiguous) -> (K [B, Q, L], e+ - e- [B, Q, L, m]) for s = (A[a] + C[k]) + p of every
+    pair. IndexError for an id outside its table."""
+    B, Q, m = p.shape
+    L = a.shape[1]
+    K, diff = p.new_empty(B, Q, L), p.new_empty(B, Q, L, m)
+    function = getattr(library, f"favor_projected_forward_{SUFFIX[p.dtype]}")
+    real = ctypes.c_float if p.dtype == torch.float32 else ctypes.c_double
+    failed = []
+
+    def run(r0: int, r1: int) -> None:
+        scratch = p.new_empty(m)                      # named: held until C returns
+        failed.append(function(
+            ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(Q), ctypes.c_long(L),
+            ctypes.c_long(m), real(floor), *_pointers(p.dtype, A), ctypes.c_long(A.shape[0]),
+            _ids(a), *_pointers(p.dtype, C), ctypes.c_long(C.shape[0]), _ids(k),
+            *_pointers(p.dtype, p, c, diff, K, scratch)))
+
+    if B * Q * L:
+        _over_batch(B * Q * L, B * Q * L * m * 8, run)
+    if any(failed):
+        raise IndexError("index out of range in the projection's lookups")
+    return K, diff
+
+
+def favor_projected_backward(library, g, diff, NA: int, a, NC: int, k):
+    """Gradients (dA [NA, m], dC [NC, m], dp [B, Q, m]) of ``favor_projected_forward``'s K for
+    dLoss/dK = g [B, Q, L], from its e+ - e- (diff [B, Q, L, m]); one pass, one thread."""
+    B, Q, L, m = diff.shape
+    dA, dC, dp = diff.new_empty(NA, m), diff.new_empty(NC, m), diff.new_empty(B, Q, m)
+    failed = getattr(library, f"favor_projected_backward_{SUFFIX[diff.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(Q), ctypes.c_long(L), ctypes.c_long(m),
+        *_pointers(diff.dtype, g, diff), ctypes.c_long(NA), _ids(a), ctypes.c_long(NC), _ids(k),
+        *_pointers(diff.dtype, dA, dC, dp))
+    if failed:
+        raise IndexError("index out of range in the projection's lookups")
+    return dA, dC, dp
 
 
 def _elementwise(function, n: int, tensors, *scalars) -> None:

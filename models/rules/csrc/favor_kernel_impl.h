@@ -35,3 +35,63 @@ void NAME(favor_kernel_forward)(long r0, long r1, long m, T floor, T *s, const T
         K[r] = NAME(sum8)(scratch, m);
     }
 }
+
+/* The same terms for keys given as two row lookups (models/feature_maps.py,
+ * FAVORProjectedKernel): pair r = (b, i, t) of B x Q x L has
+ *     s_j = (A[a_bt, j] + C[k_bt, j]) + p[b, i, j]
+ * with A [NA, m], C [NC, m] the keys' two projected tables, ids a, k [B, L], and p = Omega q
+ * [B, Q, m]: s is never stored. Out, for pairs r0 <= r < r1: diff [B, Q, L, m] (e+ - e-) and
+ * K [B, Q, L]. c [B, Q, L]. Scratch: m. Returns 0, or 1 (nothing written) if an id is outside
+ * its table. */
+WIDE_VECTOR_CLONES
+int NAME(favor_projected_forward)(long r0, long r1, long Q, long L, long m, T floor,
+                                  const T *A, long NA, const int64_t *a, const T *C, long NC,
+                                  const int64_t *k, const T *p, const T *c, T *diff, T *K,
+                                  T *scratch) {
+    for (long r = r0; r < r1; ++r) {
+        const long bt = (r / (Q * L)) * L + r % L;
+        if (a[bt] < 0 || a[bt] >= NA || k[bt] < 0 || k[bt] >= NC) return 1;
+    }
+    for (long r = r0; r < r1; ++r) {
+        const long b = r / (Q * L), bt = b * L + r % L;
+        const T *x = A + a[bt] * m, *y = C + k[bt] * m, *pr = p + (r / L) * m;
+        T *row = diff + r * m;
+        const T cr = c[r];
+        for (long j = 0; j < m; ++j) {
+            const T s = (x[j] + y[j]) + pr[j];
+            const T u = s - cr, w = -s - cr;
+            const T plus = EXP(u < floor ? floor : u), minus = EXP(w < floor ? floor : w);
+            scratch[j] = plus + minus;
+            row[j] = plus - minus;
+        }
+        K[r] = NAME(sum8)(scratch, m);
+    }
+    return 0;
+}
+
+/* Its backward, one pass over diff: with d_r = g_r diff_r for each pair in ascending order,
+ *     dA[a_bt] += d_r,   dC[k_bt] += d_r,   dp[b, i] += d_r.
+ * dA [NA, m], dC [NC, m] and dp [B, Q, m] are overwritten. Returns 0, or 1 (nothing written)
+ * if an id is outside its table. */
+VECTOR_CLONES
+int NAME(favor_projected_backward)(long B, long Q, long L, long m, const T *g, const T *diff,
+                                   long NA, const int64_t *a, long NC, const int64_t *k, T *dA,
+                                   T *dC, T *dp) {
+    for (long bt = 0; bt < B * L; ++bt)
+        if (a[bt] < 0 || a[bt] >= NA || k[bt] < 0 || k[bt] >= NC) return 1;
+    memset(dA, 0, sizeof(T) * NA * m);
+    memset(dC, 0, sizeof(T) * NC * m);
+    memset(dp, 0, sizeof(T) * B * Q * m);
+    for (long r = 0; r < B * Q * L; ++r) {
+        const long b = r / (Q * L), bt = b * L + r % L;
+        const T gr = g[r], *row = diff + r * m;
+        T *x = dA + a[bt] * m, *y = dC + k[bt] * m, *pr = dp + (r / L) * m;
+        for (long j = 0; j < m; ++j) {
+            const T d = gr * row[j];
+            x[j] += d;
+            y[j] += d;
+            pr[j] += d;
+        }
+    }
+    return 0;
+}
