@@ -233,7 +233,7 @@ T NAME(fwm_position)(long Dv, const T *r, const T *v, T bt, T hk, int opens, T *
  * Out: W [B,Dv,Dk] (the final state, transposed) and, if rs is not NULL, what the backward reads:
  * rs, us [B,L,Dv] (r_t, u_t), nps, cs [B,L] (n'_t, c_t). scratch: 3 Dv elements.
  * Sequences b0..b1-1 only. Returns 0, or 1 (nothing written) if an id is outside 0..Dv-1. */
-VECTOR_CLONES
+WIDE_VECTOR_CLONES
 int NAME(fwm_sequential_forward)(long b0, long b1, long L, long Dk, long Dv, const T *k,
                                  const T *V, const int64_t *ids, const T *b, T *W, T *rs, T *us,
                                  T *nps, T *cs, T *scratch) {
@@ -278,7 +278,7 @@ int NAME(fwm_sequential_forward)(long b0, long b1, long L, long Dk, long Dv, con
  * Out: k_bar [B,L,Dk], b_bar [B,L], v_bar [B,L,Dv] (dense values only; NULL: not wanted).
  * work: (ceil(L / C) + C + 1) Dv Dk + 4 Dv + Dk elements.
  * Returns 0, or 1 (nothing written) if an id is outside 0..Dv-1. */
-VECTOR_CLONES
+WIDE_VECTOR_CLONES
 int NAME(fwm_sequential_backward)(long b0, long b1, long L, long Dk, long Dv, long C,
                                   const T *k, const T *V, const int64_t *ids, const T *b,
                                   const T *rs_all, const T *us_all, const T *nps_all,
