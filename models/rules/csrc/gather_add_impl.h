@@ -21,7 +21,7 @@ int NAME(gather_add_forward)(long R, long D, const T *A, long NA, const int64_t 
 
 /* dA [NA, D] and dB [NB, D] are overwritten. Returns 0, or 1 (nothing written) if an id is
  * outside its table. */
-VECTOR_CLONES
+WIDE_VECTOR_CLONES
 int NAME(gather_add_backward)(long R, long D, const T *g, long NA, const int64_t *a, long NB,
                               const int64_t *b, T *dA, T *dB) {
     for (long r = 0; r < R; ++r)

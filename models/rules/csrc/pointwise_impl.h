@@ -16,7 +16,7 @@ void NAME(elu_plus_one_forward)(long n, T floor, const T *x, T *y) {
 }
 
 /* dx = g dy/dx = g min(y, 1): exp(x) = y where x <= 0, 1 where x > 0 (y > 1). */
-VECTOR_CLONES
+WIDE_VECTOR_CLONES
 void NAME(elu_plus_one_backward)(long n, const T *y, const T *g, T *dx) {
     for (long i = 0; i < n; ++i) dx[i] = g[i] * (y[i] > 1 ? (T)1 : y[i]);
 }
@@ -32,7 +32,7 @@ void NAME(tanh_forward)(long n, T floor, const T *x, T *y) {
 }
 
 /* dx = g (1 - y^2). */
-VECTOR_CLONES
+WIDE_VECTOR_CLONES
 void NAME(tanh_backward)(long n, const T *y, const T *g, T *dx) {
     for (long i = 0; i < n; ++i) dx[i] = g[i] * (1 - y[i] * y[i]);
 }

@@ -29,7 +29,9 @@
 
 /* Loops whose every float is independent of the vector width also get AVX2 clones (and AVX-512,
  * WIDE_VECTOR_CLONES, where measured faster: the exp loops of FAVOR+ and the pointwise maps,
- * the sequential FWM write: 15-22% fewer cycles at B = 128, L = 40, D_k = 64, D_v = 20),
+ * the pointwise backwards and the lookups' backward (15% and 30-40% fewer cycles in Linear
+ * and DPFP-1 delta steps), the sequential FWM write (15-22% at B = 128, L = 40, D_k = 64,
+ * D_v = 20); perf samples over the same steps. Not the DPFP kernel's forward: 40% more),
  * chosen at load time (gcc's function multiversioning); elsewhere, or with -DFWR_NO_CLONES,
  * the baseline. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
