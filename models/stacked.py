@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from models.memory import OneHot, per_call_features, reads_projected_keys
+from models.memory import OneHot, per_call_features, reads_projected_keys, written_together
 from models.normalisation import normalise
 from models.projection import ProjectedKeys
 from models.retrieval import RetrievalModel
@@ -56,9 +56,21 @@ class MemberFeatureMaps(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([phi(part) for phi, (part,) in zip(self.members, self._split(x))])
 
-    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
-        return torch.cat([phi.kernel(*parts)
-                          for phi, parts in zip(self.members, self._split(q, k))])
+    @property
+    def kernel_reads_projected_keys(self) -> bool:
+        """Whether every member's kernel takes keys as ``ProjectedKeys`` (FastWeightMemory)."""
+        return all(getattr(phi, "kernel_reads_projected_keys", False)
+                   and written_together(phi, "kernel_reads_projected_keys", "kernel")
+                   for phi in self.members)
+
+    def kernel(self, q: Tensor, k: Tensor | ProjectedKeys) -> Tensor:
+        if not isinstance(k, ProjectedKeys):
+            return torch.cat([phi.kernel(*parts)
+                              for phi, parts in zip(self.members, self._split(q, k))])
+        tables, ids = k[:4], k[4:]                # [M, ...] tables, [M * B, L] ids
+        return torch.cat([phi.kernel(q_m, ProjectedKeys(*(x[m:m + 1] for x in tables), *ids_m))
+                          for m, (phi, (q_m, *ids_m))
+                          in enumerate(zip(self.members, self._split(q, *ids)))])
 
     def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
         if not hasattr(self.members[0], "sum_normalised"):

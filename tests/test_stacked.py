@@ -63,10 +63,16 @@ def test_stacked_reads_every_query_of_an_evaluation_set(generator):
 
 @pytest.mark.parametrize("options", [{"m": 8, "redraw": "fixed"}, {"m": 8}])
 @pytest.mark.parametrize("rule", ["sum", "delta"])
-def test_random_feature_maps_stay_per_member(options, rule, generator):
+def test_random_feature_maps_stay_per_member(options, rule, generator, monkeypatch):
     """FAVOR+ members keep their own Omega (fixed: drawn at construction; per call: drawn
     from each member's stream at every forward), in the kernel form (sum, training's one
-    query), the features' (delta) and the memory (evaluation)."""
+    query; each member's kernel reads its own projected tables), the features' (delta) and
+    the memory (evaluation)."""
+    import models.feature_maps as feature_maps
+    calls = []
+    real = feature_maps.favor_projected_kernel
+    monkeypatch.setattr(feature_maps, "favor_projected_kernel",
+                        lambda q, k, omega: calls.append(k.values.shape) or real(q, k, omega))
     S = 9
     models = members(S, "favor", rule, feature_options=options)
     for m, model in enumerate(models):
@@ -86,6 +92,8 @@ def test_random_feature_maps_stay_per_member(options, rule, generator):
             torch.testing.assert_close(y[m], y_m, rtol=1e-12, atol=1e-12)
     omegas = [phi.omega for phi in stacked.memory.phi.members]
     assert not torch.equal(omegas[0], omegas[1])
+    # training: the stacked model's members, then each model alone, each with its 4 sequences
+    assert calls == ([torch.Size([4, S])] * (2 * MEMBERS) if rule == "sum" else [])
 
 
 @pytest.mark.parametrize("feature_map, options", [
