@@ -96,6 +96,14 @@ def reads_projected_keys(memory: nn.Module) -> bool:
             and written_together(memory, "reads_projected_keys", "forward"))
 
 
+def kernel_takes_projected_keys(phi: nn.Module) -> bool:
+    """True if the feature map's ``kernel`` takes the keys as ``ProjectedKeys`` as well as a
+    [B, L, D] tensor: it says so (``kernel_reads_projected_keys = True``) in the class that
+    defines its kernel."""
+    return (getattr(phi, "kernel_reads_projected_keys", False)
+            and written_together(phi, "kernel_reads_projected_keys", "kernel"))
+
+
 def written_together(obj, fast: str, *reference: str) -> bool:
     """True if the class that defines obj's method ``fast`` also defines (or inherits) each
     ``reference`` method: a subclass that overrides forward (or read) but not the fast form
@@ -130,9 +138,7 @@ class FastWeightMemory(nn.Module):
         q [B, Q, D_key] -> [B, Q, D_v]."""
         projected = isinstance(k, ProjectedKeys)
         if self.use_kernel(v, q.shape[1], k.values.shape[1] if projected else k.shape[1]):
-            if projected and not (getattr(self.phi, "kernel_reads_projected_keys", False)
-                                  and written_together(self.phi, "kernel_reads_projected_keys",
-                                                       "kernel")):
+            if projected and not kernel_takes_projected_keys(self.phi):
                 k = k.dense()
             return self.rule.attend_one_hot(self.phi.kernel(q, k), v.ids)
         if projected:

@@ -21,7 +21,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from models.memory import OneHot, per_call_features, reads_projected_keys, written_together
+from models.memory import (OneHot, kernel_takes_projected_keys, per_call_features,
+                           reads_projected_keys)
 from models.normalisation import normalise
 from models.projection import ProjectedKeys
 from models.retrieval import RetrievalModel
@@ -59,9 +60,7 @@ class MemberFeatureMaps(nn.Module):
     @property
     def kernel_reads_projected_keys(self) -> bool:
         """Whether every member's kernel takes keys as ``ProjectedKeys`` (FastWeightMemory)."""
-        return all(getattr(phi, "kernel_reads_projected_keys", False)
-                   and written_together(phi, "kernel_reads_projected_keys", "kernel")
-                   for phi in self.members)
+        return all(kernel_takes_projected_keys(phi) for phi in self.members)
 
     def kernel(self, q: Tensor, k: Tensor | ProjectedKeys) -> Tensor:
         if not isinstance(k, ProjectedKeys):
