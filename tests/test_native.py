@@ -297,23 +297,34 @@ def test_native_dpfp_features_pass_gradgradcheck_and_split_over_threads(monkeypa
     assert all(torch.equal(a, b) for a, b in zip(one, split))
 
 
-def maps_on_one_and_three_threads(monkeypatch, maps, x0) -> tuple[list, list]:
-    """Each map's output and input gradient (for an all-ones output gradient) on one thread and
-    with the rows split over three (no work threshold): two lists of tensors."""
+def on_one_and_three_threads(monkeypatch, run) -> tuple[list, list]:
+    """run()'s tensors on one thread and with the compiled steps' rows split over three (no work
+    threshold): two lists of tensors."""
     threads = torch.get_num_threads()
-    results = ([], [])
+    results = []
     try:
-        for out, count, min_work in ((results[0], 1, native.PARALLEL_MIN_WORK), (results[1], 3, 0)):
+        for count, min_work in ((1, native.PARALLEL_MIN_WORK), (3, 0)):
             torch.set_num_threads(count)
             monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
-            for phi in maps:
-                x = x0.clone().requires_grad_()
-                y = phi(x)
-                y.backward(torch.ones_like(y))
-                out.extend((y.detach(), x.grad))
+            results.append(list(run()))
     finally:
         torch.set_num_threads(threads)
-    return results
+    return results[0], results[1]
+
+
+def maps_on_one_and_three_threads(monkeypatch, maps, x0) -> tuple[list, list]:
+    """Each map's output and input gradient (for an all-ones output gradient) on one thread and
+    over three (``on_one_and_three_threads``)."""
+    def run():
+        out = []
+        for phi in maps:
+            x = x0.clone().requires_grad_()
+            y = phi(x)
+            y.backward(torch.ones_like(y))
+            out.extend((y.detach(), x.grad))
+        return out
+
+    return on_one_and_three_threads(monkeypatch, run)
 
 
 def favor_terms_reference(s, c, floor):
@@ -442,16 +453,12 @@ def test_favor_projected_kernel_gradcheck_threads_and_bad_ids(native_steps, monk
     if native_steps == "torch":
         return
     q, keys, omega = projected_favor_inputs(generator, torch.float32, 2, B=5, L=40, m=64)
-    one, split = [], []
-    threads = torch.get_num_threads()
-    try:
-        for out, count, min_work in ((one, 1, native.PARALLEL_MIN_WORK), (split, 3, 0)):
-            torch.set_num_threads(count)
-            monkeypatch.setattr(native, "PARALLEL_MIN_WORK", min_work)
-            value = favor_projected_kernel(q, keys, omega)
-            out.extend((value, *torch.autograd.grad(value.sum(), [q, *keys[:4]])))
-    finally:
-        torch.set_num_threads(threads)
+
+    def value_and_grads():
+        value = favor_projected_kernel(q, keys, omega)
+        return value, *torch.autograd.grad(value.sum(), [q, *keys[:4]])
+
+    one, split = on_one_and_three_threads(monkeypatch, value_and_grads)
     assert all(torch.equal(a, b) for a, b in zip(one, split))
     library = native.steps(q)
     tables = [torch.randn(5, 64) for _ in range(2)]
