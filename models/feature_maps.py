@@ -37,12 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.memory import pair_scores
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
 from models.projection import ProjectedKeys, lookup_sum
 from models.rules.native import (dpfp_features_backward, dpfp_features_forward,
-                                 dpfp_kernel_backward, dpfp_kernel_forward, favor_kernel_forward,
-                                 favor_projected_backward, favor_projected_forward,
-                                 pointwise_backward, pointwise_forward, steps)
+                                 dpfp_kernel_backward, dpfp_kernel_forward,
+                                 dpfp_projected_kernel_backward, dpfp_projected_kernel_forward,
+                                 favor_kernel_forward, favor_projected_backward,
+                                 favor_projected_forward, pointwise_backward, pointwise_forward,
+                                 pointwise_lookup_backward, pointwise_lookup_forward, steps)
 
 
 class FeatureMap(nn.Module):
@@ -113,7 +116,81 @@ def pointwise(x: Tensor, kind: str):
     return None if library is None else Pointwise.apply(x, kind, library)
 
 
-class ELUPlusOne(FeatureMap):
+class PointwiseKernel(torch.autograd.Function):
+    """phi(q) . phi(k_t) [B, Q, L] of an elementwise map ("elu_plus_one" or "tanh") for keys
+    given as two row lookups, k_t = columns[values_t] + table[keys_t] (ids [B, L]), from
+    phi(q) [B, Q, D]. Forward: phi(k) [B, L, D] in one C pass from the tables, then its
+    products with phi(q) as ``PairScores`` takes them. Backward: d phi(q) = g phi(k) as
+    PairScores' backward; the keys' gradient through the map, added straight into the tables'
+    rows in one C pass (csrc/pointwise_impl.h). The keys, their gradient and the features'
+    gradient are never [B, L, D] tensors: two passes over one such tensor instead of ten, and
+    four fewer operations (Linear attention's training step). For one query the floats of
+    ``lookup_sum``, the map and ``pair_scores``, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, phi_q, columns, table, values, keys, kind, library):
+        B, L = values.shape
+        phi_k = pointwise_lookup_forward(library, kind, columns.contiguous(), values.reshape(-1),
+                                         table.contiguous(), keys.reshape(-1),
+                                         exp_floor(phi_q.dtype)).view(B, L, -1)
+        ctx.save_for_backward(phi_q, phi_k, values, keys)
+        ctx.kind, ctx.library, ctx.sizes = kind, library, (columns.shape[0], table.shape[0])
+        return phi_q @ phi_k.transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        phi_q, phi_k, values, keys = ctx.saved_tensors
+        d_phi_q = grad @ phi_k if ctx.needs_input_grad[0] else None            # [B, Q, D]
+        d_columns, d_table = pointwise_lookup_backward(
+            ctx.library, ctx.kind, grad.contiguous(), phi_q.contiguous(), phi_k, ctx.sizes[0],
+            values, ctx.sizes[1], keys)
+        return d_phi_q, d_columns, d_table, None, None, None, None
+
+
+class ElementwiseMap(FeatureMap):
+    """phi(x)_i = f(x_i), d_dot = D_k: computed in one C pass each way where the compiled steps
+    run (``Pointwise``, kind ``kind``), else by the subclass's ``fallback``.
+
+    Its kernel phi(q) . phi(k_t) is the features' dot products. Keys given as ``ProjectedKeys``
+    (the retrieval model's training step) are mapped from the projection's tables and the
+    scores' gradient goes straight back to them (``PointwiseKernel``)."""
+
+    kind: str                             # "elu_plus_one" or "tanh" (csrc/pointwise_impl.h)
+
+    @property
+    def d_dot(self) -> int:
+        return self.d_key
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = pointwise(x, self.kind)
+        return self.fallback(x) if y is None else y
+
+    @staticmethod
+    def fallback(x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def kernel_width(self) -> int:
+        return self.d_key
+
+    # ``kernel`` takes the retrieval model's keys as tables and ids (models/memory.py)
+    kernel_reads_projected_keys = True
+
+    def kernel(self, q: Tensor, k: Tensor | ProjectedKeys) -> Tensor:
+        """phi(q) . phi(k_t) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L]."""
+        phi_q = self(q)
+        if isinstance(k, ProjectedKeys):
+            columns, table, values, keys = k.lookups()
+            library = steps(phi_q, columns, table)
+            if library is not None:
+                return PointwiseKernel.apply(phi_q, columns, table, values.contiguous(),
+                                             keys.contiguous(), self.kind, library)
+            k = k.dense()
+        return pair_scores(phi_q, self(k))
+
+
+class ELUPlusOne(ElementwiseMap):
     """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, arXiv 2006.16236); d_dot = D_k.
 
     In one C pass where the compiled steps run (``Pointwise``: exp(x) where x <= 0, floored
@@ -121,34 +198,29 @@ class ELUPlusOne(FeatureMap):
     elu + 1 (``reference``)."""
 
     nonnegative = True
+    kind = "elu_plus_one"
 
-    @property
-    def d_dot(self) -> int:
-        return self.d_key
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = pointwise(x, "elu_plus_one")
-        return self.reference(x) if y is None else y
+    @staticmethod
+    def fallback(x: Tensor) -> Tensor:
+        return ELUPlusOne.reference(x)
 
     @staticmethod
     def reference(x: Tensor) -> Tensor:
         return F.elu(x) + 1.0
 
 
-class Tanh(FeatureMap):
+class Tanh(ElementwiseMap):
     """phi(x) = tanh(x), the key map of Schlag et al. (2021) FWM; signed, d_dot = D_k.
 
     In one C pass where the compiled steps run (``Pointwise``), else as 2 sigmoid(2x) - 1
     (models/numerics.py); both within 2e-7 of tanh in float32, faster than torch.tanh on
     CPUs (``reference`` is torch.tanh itself)."""
 
-    @property
-    def d_dot(self) -> int:
-        return self.d_key
+    kind = "tanh"
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = pointwise(x, "tanh")
-        return tanh_via_sigmoid(x) if y is None else y
+    @staticmethod
+    def fallback(x: Tensor) -> Tensor:
+        return tanh_via_sigmoid(x)
 
     @staticmethod
     def reference(x: Tensor) -> Tensor:
@@ -191,11 +263,24 @@ class DPFP(FeatureMap):
     def kernel_width(self) -> int:
         return 2 * self.d_key * (self.nu + 1)
 
-    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
+    # ``kernel`` takes the retrieval model's keys as tables and ids (models/memory.py)
+    kernel_reads_projected_keys = True
+
+    def kernel(self, q: Tensor, k: Tensor | ProjectedKeys) -> Tensor:
         """phi(q) . phi(k) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L], without the
         2 D_k nu features: with p = r(q) * r(k) (elementwise, 2 D_k wide),
         phi(q) . phi(k) = sum_j sum_i p_i p_{i-j} = p . (sum_j roll(p, j)). Computed pair by
-        pair in C where the compiled steps run (``DPFPKernel``), else by ``kernel_reference``."""
+        pair in C where the compiled steps run (``DPFPKernel``), else by ``kernel_reference``;
+        keys given as ``ProjectedKeys`` are built row by row from the projection's tables and
+        their gradient added straight back to them (``DPFPProjectedKernel``)."""
+        if isinstance(k, ProjectedKeys):
+            columns, table, values, keys = k.lookups()
+            library = steps(q, columns, table)
+            if library is not None:
+                return DPFPProjectedKernel.apply(q.contiguous(), columns.contiguous(),
+                                                 table.contiguous(), values.contiguous(),
+                                                 keys.contiguous(), self.nu, library)
+            k = k.dense()
         library = steps(q, k)
         if library is None:
             return self.kernel_reference(q, k)
@@ -260,6 +345,28 @@ class DPFPKernel(torch.autograd.Function):
         q, k = ctx.saved_tensors
         dq, dk = dpfp_kernel_backward(ctx.library, grad.contiguous(), q, k, ctx.nu)
         return dq, dk, None, None
+
+
+class DPFPProjectedKernel(torch.autograd.Function):
+    """``DPFPKernel`` for keys given as two row lookups, k_t = columns[values_t] + table[keys_t]
+    (ids [B, L]), in C: each key row is built where the kernel reads it, and in the backward
+    its gradient is added to the tables' rows there (csrc/dpfp_kernel_impl.h), never the
+    [B, L, D] keys or their gradient. The floats of ``lookup_sum`` followed by ``DPFPKernel``,
+    forward and backward; the backward runs in one thread (the tables' rows are shared)."""
+
+    @staticmethod
+    def forward(ctx, q, columns, table, values, keys, nu, library):
+        ctx.save_for_backward(q, columns, table, values, keys)
+        ctx.nu, ctx.library = nu, library
+        return dpfp_projected_kernel_forward(library, q, columns, values, table, keys, nu)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, columns, table, values, keys = ctx.saved_tensors
+        dq, d_columns, d_table = dpfp_projected_kernel_backward(
+            ctx.library, grad.contiguous(), q, columns, values, table, keys, ctx.nu)
+        return dq, d_columns, d_table, None, None, None, None
 
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None) -> Tensor:

@@ -81,17 +81,22 @@ class ProjectedKeys(NamedTuple):
             return torch.addmm(self.bias, self.embedding, self.weight.T)[None]
         return torch.baddbmm(self.bias[:, None, :], self.embedding, self.weight.transpose(1, 2))
 
-    def dense(self) -> Tensor:
-        """The keys [M * B, L, D]: ``lookup_sum`` over the flattened [M * S, D] tables, each
-        member's ids shifted to its rows."""
+    def lookups(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(columns, table, values, keys) such that k_t = columns[values_t] + table[keys_t]:
+        the flattened [M * S, D] tables and the [M * B, L] ids, each member's shifted to its
+        rows (the form the kernels that read projected keys take)."""
         M, S, D = self.columns.shape
         values, keys = self.values, self.keys
         if M > 1:
             member = torch.arange(M, device=values.device).repeat_interleave(values.shape[0] // M)
             values, keys = values + S * member[:, None], keys + S * member[:, None]
-        flat = lookup_sum(self.columns.reshape(M * S, D), self.table.reshape(M * S, D),
-                          values.flatten(), keys.flatten())
-        return flat.view(*self.values.shape, D)
+        return self.columns.reshape(M * S, D), self.table.reshape(M * S, D), values, keys
+
+    def dense(self) -> Tensor:
+        """The keys [M * B, L, D]: ``lookup_sum`` over the flattened tables (``lookups``)."""
+        columns, table, values, keys = self.lookups()
+        flat = lookup_sum(columns, table, values.flatten(), keys.flatten())
+        return flat.view(*self.values.shape, columns.shape[1])
 
     def reads_factors(self, num_queries: int) -> bool:
         """Whether ``scores`` of num_queries queries per member reads the table's factors

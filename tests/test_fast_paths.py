@@ -427,6 +427,45 @@ def test_favor_kernel_reads_projected_keys_unless_a_subclass_overrides_it(genera
     assert seen == [torch.Tensor, torch.Tensor] and ProjectedKeys not in seen
 
 
+@pytest.mark.parametrize("feature_map,options", [("linear", {}), ("dpfp", {"nu": 3})])
+@pytest.mark.parametrize("members", [1, 2])
+def test_linear_and_dpfp_training_reads_projected_keys_with_the_floats_of_the_formed_keys(
+        feature_map, options, members, monkeypatch, generator):
+    """Setting 1's Linear and DPFP training steps (one model, or stacked members) hand the
+    kernel the keys as tables and ids and compute them in C (PointwiseKernel,
+    DPFPProjectedKernel): the loss and every parameter's gradient are the floats of forming
+    the keys first."""
+    import models.memory as memory_module
+    from models.feature_maps import DPFPProjectedKernel, PointwiseKernel
+    from models.rules.native import steps
+    from models.stacked import StackedRetrievalModel
+    if steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    fast = PointwiseKernel if feature_map == "linear" else DPFPProjectedKernel
+    calls = []
+    monkeypatch.setattr(fast, "apply", (lambda original: lambda *args: calls.append(1)
+                                        or original(*args))(fast.apply))
+    models = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        models.append(build_model(24, feature_map, "sum", feature_options=options))
+    model = models[0] if members == 1 else StackedRetrievalModel(models)
+    batches = [sample_batch("capacity", 24, 4, generator) for _ in range(members)]
+    ids = [torch.stack([getattr(b, name) for b in batches]) for name in ("keys", "values", "queries")]
+
+    def loss_and_grads():
+        # a stacked model's answers [M, B, Q, S], squared: any loss reaches every parameter
+        loss = model.loss(batches[0]) if members == 1 else model(*ids).square().sum()
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    ours = loss_and_grads()
+    assert calls == [1]
+    monkeypatch.setattr(memory_module, "kernel_takes_projected_keys", lambda phi: False)
+    formed = loss_and_grads()
+    assert calls == [1]
+    assert all(torch.equal(a, b) for a, b in zip(ours, formed))
+
+
 def test_kernel_form_answers_training_queries_and_memory_answers_evaluation(generator):
     model = build_model(30, "dpfp", "sum", feature_options={"nu": 3})
     memory = model.memory
@@ -555,7 +594,8 @@ def test_attention_form_answers_training_queries_as_the_memory_does(feature_map,
     assert memory.use_attention(OneHot(train.values, 20), 1, train.length)
     assert not memory.use_attention(OneHot(evaluation.values, 20), evaluation.queries.shape[1],
                                     evaluation.length)
-    assert memory.use_kernel(OneHot(train.values, 20), 1, 20) == (norm == "none" and feature_map == "dpfp")
+    # DPFP's and ELU + 1's kernels (the features' dot products) wherever no normalisation intervenes
+    assert memory.use_kernel(OneHot(train.values, 20), 1, 20) == (norm == "none" and feature_map != "relu")
 
     def loss_and_grads(attention: bool):
         memory.use_attention = (lambda *args: attention)

@@ -474,6 +474,121 @@ def test_favor_projected_kernel_gradcheck_threads_and_bad_ids(native_steps, monk
                                             torch.randn(5, 2, 40, 64), 5, a, 5, k)
 
 
+def projected_keys(generator, dtype, B=3, L=7, S=5, D=6, E=4, members=1):
+    """ProjectedKeys of one model (its factors, as RetrievalModel passes them) or of ``members``
+    stacked ones ([M, ...] factors, M * B sequences), every table a leaf wanting a gradient."""
+    from models.projection import ProjectedKeys
+    M = members
+    shapes = ([(1, S, D), (S, E), (D, E), (D,)] if M == 1
+              else [(M, S, D), (M, S, E), (M, D, E), (M, D)])    # columns, embedding, weight, bias
+    tables = [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
+              for shape in shapes]
+    ids = [torch.randint(0, S, (M * B, L), generator=generator) for _ in range(2)]
+    return ProjectedKeys(*tables, *ids)
+
+
+def projected_kernel_maps(name: str, D: int):
+    from models.feature_maps import DPFP, ELUPlusOne, Tanh
+    return {"linear": lambda: ELUPlusOne(D), "tanh": lambda: Tanh(D),
+            "dpfp": lambda: DPFP(D, 3)}[name]()
+
+
+@pytest.mark.parametrize("name", ["linear", "tanh", "dpfp"])
+@pytest.mark.parametrize("num_queries,members", [(1, 1), (3, 1), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_read_projected_keys_with_the_floats_of_the_formed_keys(name, num_queries, members,
+                                                                       dtype, generator):
+    """ELU + 1's, tanh's and DPFP's kernels given the keys as the projection's tables and ids
+    (in C: PointwiseKernel, DPFPProjectedKernel; stacked members' tables flattened) give the
+    floats of the same kernel on the formed keys (``keys.dense()``), value and gradients of q
+    and of every table; except the pointwise maps' table gradients for several queries, summed
+    over the queries in C rather than by PairScores' product: within rounding. Both within
+    rounding of the definition in float64, phi(q) . phi(k) with the maps' references."""
+    from models.feature_maps import PointwiseKernel, DPFPProjectedKernel
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    D = 6
+    phi = projected_kernel_maps(name, D)
+    keys = projected_keys(generator, dtype, D=D, members=members)
+    q = torch.randn(members * 3, num_queries, D, generator=generator, dtype=dtype, requires_grad=True)
+    q.data[0, 0, 1] = 0.0                                    # relu's kink, for DPFP
+    weight = torch.randn(members * 3, num_queries, 7, generator=generator, dtype=dtype)
+    inputs = [q, *keys[:4]]
+
+    def value_and_grads(kernel):
+        out = kernel(q, keys)
+        return [out, *torch.autograd.grad((out * weight).sum(), inputs)]
+
+    calls = []
+    fast_form = PointwiseKernel if name != "dpfp" else DPFPProjectedKernel
+    original = fast_form.apply
+    try:
+        fast_form.apply = lambda *args: calls.append(1) or original(*args)
+        ours = value_and_grads(phi.kernel)
+    finally:
+        fast_form.apply = original
+    assert calls == [1]
+    formed = value_and_grads(lambda q, k: phi.kernel(q, k.dense()))
+    exact_in_c = name == "dpfp" or num_queries == 1
+    for index, (a, b) in enumerate(zip(ours, formed)):
+        if exact_in_c or index < 2:                          # the value and q's gradient
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-12)
+    reference = getattr(phi, "reference")
+    double_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    dq, *double_tables = double_inputs
+    from models.projection import ProjectedKeys
+    k = ProjectedKeys(*double_tables, *keys[4:]).dense()
+    definition = reference(dq) @ reference(k).transpose(1, 2)
+    exact = [definition, *torch.autograd.grad((definition * weight.double()).sum(), double_inputs)]
+    tol = 2e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("name", ["linear", "tanh", "dpfp"])
+def test_projected_kernels_gradcheck_threads_and_bad_ids(name, monkeypatch, generator):
+    from models.projection import ProjectedKeys
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    phi = projected_kernel_maps(name, 4)
+    keys = projected_keys(generator, torch.float64, B=2, L=5, S=4, D=4, E=3)
+    q = torch.randn(2, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    kernel = lambda q, *tables: phi.kernel(q, ProjectedKeys(*tables, *keys[4:]))
+    assert torch.autograd.gradcheck(kernel, (q, *keys[:4]))
+    keys = projected_keys(generator, torch.float32, B=5, L=40, S=30, D=16, E=8)
+    q = torch.randn(5, 1, 16, generator=generator, requires_grad=True)
+    phi = projected_kernel_maps(name, 16)
+
+    def value_and_grads():
+        value = phi.kernel(q, keys)
+        return value, *torch.autograd.grad((value * value).sum(), [q, *keys[:4]])
+
+    one, split = on_one_and_three_threads(monkeypatch, value_and_grads)
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+    library = native.steps(q)
+    tables = [torch.randn(5, 16) for _ in range(2)]
+    ids = torch.randint(0, 5, (2, 40))
+    bad = ids.clone()
+    bad[1, 7] = 5
+    p, g = torch.randn(2, 1, 16), torch.randn(2, 1, 40)
+    for a, k in ((bad, ids), (ids, bad)):
+        with pytest.raises(IndexError):
+            if name == "dpfp":
+                native.dpfp_projected_kernel_forward(library, p, tables[0], a, tables[1], k, 3)
+            else:
+                native.pointwise_lookup_forward(library, phi.kind, tables[0], a.flatten(),
+                                                tables[1], k.flatten(), -87.0)
+        with pytest.raises(IndexError):
+            if name == "dpfp":
+                native.dpfp_projected_kernel_backward(library, g, p, tables[0], a, tables[1], k, 3)
+            else:
+                native.pointwise_lookup_backward(library, phi.kind, g, p, torch.rand(2, 40, 16),
+                                                 5, a, 5, k)
+
+
 def short_training_fingerprint() -> list:
     """Losses and parameters after a few steps of each model with compiled steps."""
     sequential = fwm.SEQUENTIAL_STATE_BYTES

@@ -65,6 +65,9 @@ FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
                      "favor_projected_forward", "favor_projected_backward",
+                     "dpfp_projected_kernel_forward", "dpfp_projected_kernel_backward",
+                     "elu_plus_one_lookup_forward", "elu_plus_one_lookup_backward",
+                     "tanh_lookup_forward", "tanh_lookup_backward",
                      "fwm_forward", "fwm_backward",
                      "fwm_sequential_forward", "fwm_sequential_backward"]
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
@@ -353,7 +356,7 @@ def dpfp_kernel_forward(library, q, k, nu: int):
     function = getattr(library, f"dpfp_kernel_forward_{SUFFIX[q.dtype]}")
 
     def run(b0: int, b1: int) -> None:
-        scratch = q.new_empty((Q + 3) * W + 2 * nu)     # named: held until C returns
+        scratch = q.new_empty((Q + 3) * W + 2 * nu + D)     # named: held until C returns
         function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
                  ctypes.c_long(D), ctypes.c_long(nu), *_pointers(q.dtype, q, k, K, scratch))
 
@@ -370,13 +373,56 @@ def dpfp_kernel_backward(library, g, q, k, nu: int):
     function = getattr(library, f"dpfp_kernel_backward_{SUFFIX[q.dtype]}")
 
     def run(b0: int, b1: int) -> None:
-        scratch = q.new_empty((2 * Q + 3) * W + 2 * nu)   # named: held until C returns
+        scratch = q.new_empty((2 * Q + 3) * W + 2 * nu + 2 * D)   # named: held until C returns
         function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
                  ctypes.c_long(D), ctypes.c_long(nu),
                  *_pointers(q.dtype, g, q, k, dq, dk, scratch))
 
     _over_batch(B, B * Q * L * W * (2 * nu + 6), run)
     return dq, dk
+
+
+def dpfp_projected_kernel_forward(library, q, A, a, C, c, nu: int):
+    """``dpfp_kernel_forward`` for keys given as two row lookups k_bt = A[a_bt] + C[c_bt]:
+    tables A [NA, D], C [NC, D], ids a, c [B, L] int64 (one dtype, contiguous) -> [B, Q, L],
+    the floats of the formed keys' kernel. IndexError for an id outside its table."""
+    B, Q, D = q.shape
+    L, W = a.shape[1], 2 * D
+    K = q.new_empty(B, Q, L)
+    function = getattr(library, f"dpfp_projected_kernel_forward_{SUFFIX[q.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        scratch = q.new_empty((Q + 3) * W + 2 * nu + D)     # named: held until C returns
+        failed.append(function(
+            ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
+            ctypes.c_long(D), ctypes.c_long(nu), *_pointers(q.dtype, q, A),
+            ctypes.c_long(A.shape[0]), _ids(a), *_pointers(q.dtype, C), ctypes.c_long(C.shape[0]),
+            _ids(c), *_pointers(q.dtype, K, scratch)))
+
+    if B:
+        _over_batch(B, B * Q * L * W * (nu + 2), run)
+    if any(failed):
+        raise IndexError("index out of range in the projection's lookups")
+    return K
+
+
+def dpfp_projected_kernel_backward(library, g, q, A, a, C, c, nu: int):
+    """Gradients (dq [B, Q, D], dA [NA, D], dC [NC, D]) of ``dpfp_projected_kernel_forward``
+    for dLoss/dK = g [B, Q, L]: the floats of ``dpfp_kernel_backward`` followed by
+    ``gather_add_backward``; one thread (every key's gradient lands in the shared tables)."""
+    B, Q, D = q.shape
+    L, W = a.shape[1], 2 * D
+    dq, dA, dC = q.new_empty(B, Q, D), A.new_empty(A.shape), C.new_empty(C.shape)
+    scratch = q.new_empty((2 * Q + 3) * W + 2 * nu + 2 * D)
+    failed = getattr(library, f"dpfp_projected_kernel_backward_{SUFFIX[q.dtype]}")(
+        ctypes.c_long(B), ctypes.c_long(Q), ctypes.c_long(L), ctypes.c_long(D), ctypes.c_long(nu),
+        *_pointers(q.dtype, g, q, A), ctypes.c_long(A.shape[0]), _ids(a),
+        *_pointers(q.dtype, C), ctypes.c_long(C.shape[0]), _ids(c),
+        *_pointers(q.dtype, dq, dA, dC, scratch))
+    if failed:
+        raise IndexError("index out of range in the projection's lookups")
+    return dq, dA, dC
 
 
 def dpfp_features_forward(library, x, nu: int):
@@ -500,6 +546,47 @@ def pointwise_backward(library, kind: str, y, g):
     dx = torch.empty_like(y)
     _elementwise(getattr(library, f"{kind}_backward_{SUFFIX[y.dtype]}"), y.numel(), (y, g, dx))
     return dx
+
+
+def pointwise_lookup_forward(library, kind: str, A, a, B, b, floor: float):
+    """phi(A[a] + B[b]) for kind "elu_plus_one" or "tanh" (csrc/pointwise_impl.h): tables
+    A [NA, D], B [NB, D] (one dtype, contiguous), ids a, b [R] int64 -> [R, D], the floats of
+    ``gather_add_forward`` followed by ``pointwise_forward``; rows split over torch's threads
+    when there are enough. IndexError for an id outside its table."""
+    R, D = a.shape[0], A.shape[1]
+    y = A.new_empty(R, D)
+    function = getattr(library, f"{kind}_lookup_forward_{SUFFIX[A.dtype]}")
+    real = ctypes.c_float if A.dtype == torch.float32 else ctypes.c_double
+    failed = []
+
+    def run(r0: int, r1: int) -> None:
+        failed.append(function(
+            ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(D), real(floor),
+            *_pointers(A.dtype, A), ctypes.c_long(A.shape[0]), _ids(a), *_pointers(A.dtype, B),
+            ctypes.c_long(B.shape[0]), _ids(b), *_pointers(A.dtype, y)))
+
+    if R:
+        _over_batch(R, 8 * R * D, run)
+    if any(failed):
+        raise IndexError("index out of range in the projection's lookups")
+    return y
+
+
+def pointwise_lookup_backward(library, kind: str, g, p, y, NA: int, a, NB: int, b):
+    """Gradients (dA [NA, D], dB [NB, D]) of the scores s = p y^T (p [B, Q, D], y [B, L, D]
+    from ``pointwise_lookup_forward`` with ids a, b [B, L]) for dLoss/ds = g [B, Q, L], through
+    the map: for one query the floats of PairScores' key gradient, ``pointwise_backward`` and
+    ``gather_add_backward``; one thread (every key's gradient lands in the shared tables)."""
+    Bn, Q, L = g.shape
+    D = y.shape[-1]
+    dA, dB, scratch = y.new_empty(NA, D), y.new_empty(NB, D), y.new_empty(D)
+    failed = getattr(library, f"{kind}_lookup_backward_{SUFFIX[y.dtype]}")(
+        ctypes.c_long(Bn), ctypes.c_long(Q), ctypes.c_long(L), ctypes.c_long(D),
+        *_pointers(y.dtype, g, p, y), ctypes.c_long(NA), _ids(a), ctypes.c_long(NB), _ids(b),
+        *_pointers(y.dtype, dA, dB, scratch))
+    if failed:
+        raise IndexError("index out of range in the projection's lookups")
+    return dA, dB
 
 
 def _ids(ids: torch.Tensor) -> ctypes.c_void_p:

@@ -71,21 +71,45 @@ static inline void NAME(dpfp_pair_grad)(const T *p, const T *rq, const T *rk, T 
     }
 }
 
-/* In: q [B,Q,D], k [B,L,D]. Out: K [B,Q,L] for batch entries b0 <= b < b1.
- * Scratch: (Q + 1) W + (W + 2 nu) + W. */
+/* Sequence b's row of K [B,Q,L]; its keys are rows of k [B,L,D], or, with k NULL, built as
+ * A[a_bt] + C[c_bt] (gather_add_impl.h's lookup_row: the floats of the formed keys).
+ * Scratch: (Q + 1) W + (W + 2 nu) + W + D. */
+static inline void NAME(dpfp_kernel_sequence)(long b, long Q, long L, long D, long nu,
+                                              const T *q, const T *k, const T *A,
+                                              const int64_t *a, const T *C, const int64_t *c,
+                                              T *K, T *scratch) {
+    const long W = 2 * D;
+    T *rq = scratch, *rk = rq + Q * W, *buf = rk + W, *w = buf + W + 2 * nu, *x = w + W;
+    for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
+    for (long t = 0; t < L; ++t) {
+        const long bt = b * L + t;
+        if (k == NULL) NAME(lookup_row)(A, a[bt], C, c[bt], D, x);
+        NAME(dpfp_relu)(k != NULL ? k + bt * D : x, D, rk);
+        for (long j = 0; j < Q; ++j)
+            K[(b * Q + j) * L + t] = NAME(dpfp_pair)(rq + j * W, rk, W, nu, buf, w);
+    }
+}
+
+/* In: q [B,Q,D], k [B,L,D]. Out: K [B,Q,L] for batch entries b0 <= b < b1. */
 VECTOR_CLONES
 void NAME(dpfp_kernel_forward)(long b0, long b1, long Q, long L, long D, long nu, const T *q,
                                const T *k, T *K, T *scratch) {
-    const long W = 2 * D;
-    T *rq = scratch, *rk = rq + Q * W, *buf = rk + W, *w = buf + W + 2 * nu;
-    for (long b = b0; b < b1; ++b) {
-        for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
-        for (long t = 0; t < L; ++t) {
-            NAME(dpfp_relu)(k + (b * L + t) * D, D, rk);
-            for (long j = 0; j < Q; ++j)
-                K[(b * Q + j) * L + t] = NAME(dpfp_pair)(rq + j * W, rk, W, nu, buf, w);
-        }
-    }
+    for (long b = b0; b < b1; ++b)
+        NAME(dpfp_kernel_sequence)(b, Q, L, D, nu, q, k, NULL, NULL, NULL, NULL, K, scratch);
+}
+
+/* The same for keys given as two row lookups k_bt = A[a_bt] + C[c_bt] (A [NA, D], C [NC, D],
+ * ids a, c [B, L]): DPFPProjectedKernel. Returns 0, or 1 (nothing written) if an id of the
+ * range is outside its table. */
+VECTOR_CLONES
+int NAME(dpfp_projected_kernel_forward)(long b0, long b1, long Q, long L, long D, long nu,
+                                        const T *q, const T *A, long NA, const int64_t *a,
+                                        const T *C, long NC, const int64_t *c, T *K,
+                                        T *scratch) {
+    if (NAME(ids_outside)((b1 - b0) * L, NA, a + b0 * L, NC, c + b0 * L)) return 1;
+    for (long b = b0; b < b1; ++b)
+        NAME(dpfp_kernel_sequence)(b, Q, L, D, nu, q, NULL, A, a, C, c, K, scratch);
+    return 0;
 }
 
 /* d r -> d x through r = relu([x; -x]): dx_i = dr_i [x_i > 0] - dr_{D+i} [x_i < 0]. */
@@ -97,35 +121,71 @@ static inline void NAME(dpfp_relu_backward)(const T *x, const T *dr, long D, T *
     }
 }
 
+/* Sequence b's gradients: dq rows, and either dk rows ([B,L,D], keys from k) or, with k NULL,
+ * each key's gradient added to dA[a_bt] and then dC[c_bt] (lookup_row_backward: the floats of
+ * dk followed by gather_add_backward). dk sums over queries j ascending, dq over positions t
+ * ascending. Scratch: 2 Q W + 2 W + (W + 2 nu) + 2 D. */
+static inline void NAME(dpfp_kernel_sequence_backward)(long b, long Q, long L, long D, long nu,
+                                                       const T *g, const T *q, const T *k,
+                                                       const T *A, const int64_t *a,
+                                                       const T *C, const int64_t *c, T *dq,
+                                                       T *dk, T *dA, T *dC, T *scratch) {
+    const long W = 2 * D;
+    T *rq = scratch, *drq = rq + Q * W, *rk = drq + Q * W, *drk = rk + W;
+    T *buf = drk + W, *x = buf + W + 2 * nu, *dx = x + D;
+    for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
+    for (long i = 0; i < Q * W; ++i) drq[i] = 0;
+    for (long t = 0; t < L; ++t) {
+        const long bt = b * L + t;
+        if (k == NULL) NAME(lookup_row)(A, a[bt], C, c[bt], D, x);
+        const T *key = k != NULL ? k + bt * D : x;
+        NAME(dpfp_relu)(key, D, rk);
+        for (long i = 0; i < W; ++i) drk[i] = 0;
+        for (long j = 0; j < Q; ++j) {
+            const T gj = g[(b * Q + j) * L + t], *rqj = rq + j * W;
+            const T *p = NAME(dpfp_products)(rqj, rk, W, nu, buf);
+            T *drqj = drq + j * W;
+            switch (nu) {
+            case 1: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 1, drqj, drk); break;
+            case 2: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 2, drqj, drk); break;
+            case 3: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 3, drqj, drk); break;
+            default: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, nu, drqj, drk);
+            }
+        }
+        if (k != NULL) {
+            NAME(dpfp_relu_backward)(key, drk, D, dk + bt * D);
+        } else {
+            NAME(dpfp_relu_backward)(key, drk, D, dx);
+            NAME(lookup_row_backward)(dx, dA, a[bt], dC, c[bt], D);
+        }
+    }
+    for (long j = 0; j < Q; ++j)
+        NAME(dpfp_relu_backward)(q + (b * Q + j) * D, drq + j * W, D, dq + (b * Q + j) * D);
+}
+
 /* In: g [B,Q,L] (dLoss/dK), q, k as in the forward. Out: dq [B,Q,D], dk [B,L,D] for
- * b0 <= b < b1. dk sums over queries j ascending, dq over positions t ascending.
- * Scratch: 2 Q W + 2 W + (W + 2 nu). */
+ * b0 <= b < b1. */
 VECTOR_CLONES
 void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long nu, const T *g,
                                 const T *q, const T *k, T *dq, T *dk, T *scratch) {
-    const long W = 2 * D;
-    T *rq = scratch, *drq = rq + Q * W, *rk = drq + Q * W, *drk = rk + W;
-    T *buf = drk + W;
-    for (long b = b0; b < b1; ++b) {
-        for (long j = 0; j < Q; ++j) NAME(dpfp_relu)(q + (b * Q + j) * D, D, rq + j * W);
-        for (long i = 0; i < Q * W; ++i) drq[i] = 0;
-        for (long t = 0; t < L; ++t) {
-            NAME(dpfp_relu)(k + (b * L + t) * D, D, rk);
-            for (long i = 0; i < W; ++i) drk[i] = 0;
-            for (long j = 0; j < Q; ++j) {
-                const T gj = g[(b * Q + j) * L + t], *rqj = rq + j * W;
-                const T *p = NAME(dpfp_products)(rqj, rk, W, nu, buf);
-                T *drqj = drq + j * W;
-                switch (nu) {
-                case 1: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 1, drqj, drk); break;
-                case 2: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 2, drqj, drk); break;
-                case 3: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, 3, drqj, drk); break;
-                default: NAME(dpfp_pair_grad)(p, rqj, rk, gj, W, nu, drqj, drk);
-                }
-            }
-            NAME(dpfp_relu_backward)(k + (b * L + t) * D, drk, D, dk + (b * L + t) * D);
-        }
-        for (long j = 0; j < Q; ++j)
-            NAME(dpfp_relu_backward)(q + (b * Q + j) * D, drq + j * W, D, dq + (b * Q + j) * D);
-    }
+    for (long b = b0; b < b1; ++b)
+        NAME(dpfp_kernel_sequence_backward)(b, Q, L, D, nu, g, q, k, NULL, NULL, NULL, NULL, dq,
+                                            dk, NULL, NULL, scratch);
+}
+
+/* The backward of dpfp_projected_kernel_forward over the whole batch (one thread: every key's
+ * gradient lands in the shared tables, in ascending order): dq [B,Q,D], dA [NA,D], dC [NC,D]
+ * overwritten. Returns 0, or 1 (nothing written) if an id is outside its table. */
+VECTOR_CLONES
+int NAME(dpfp_projected_kernel_backward)(long B, long Q, long L, long D, long nu, const T *g,
+                                         const T *q, const T *A, long NA, const int64_t *a,
+                                         const T *C, long NC, const int64_t *c, T *dq, T *dA,
+                                         T *dC, T *scratch) {
+    if (NAME(ids_outside)(B * L, NA, a, NC, c)) return 1;
+    memset(dA, 0, sizeof(T) * NA * D);
+    memset(dC, 0, sizeof(T) * NC * D);
+    for (long b = 0; b < B; ++b)
+        NAME(dpfp_kernel_sequence_backward)(b, Q, L, D, nu, g, q, NULL, A, a, C, c, dq, NULL,
+                                            dA, dC, scratch);
+    return 0;
 }

@@ -3,19 +3,39 @@
  * and NAME(x) defined.
  *     out[r] = A[a[r]] + B[b[r]]                    (rows of width D, ids int64)
  * and its backward, dA[a[r]] += g[r], dB[b[r]] += g[r] with r ascending (index_add's order).
- * One pass over the R rows where PyTorch makes two lookups and an add (and two index_adds). */
+ * One pass over the R rows where PyTorch makes two lookups and an add (and two index_adds).
+ * The row helpers are shared with the kernels that read keys in this form (DPFP's, the
+ * pointwise maps'), which thereby give the floats of the lookups followed by the kernel. */
+
+/* 1 if an id of a [R] or b [R] is outside its table. */
+static inline int NAME(ids_outside)(long R, long NA, const int64_t *a, long NB,
+                                    const int64_t *b) {
+    for (long r = 0; r < R; ++r)
+        if (a[r] < 0 || a[r] >= NA || b[r] < 0 || b[r] >= NB) return 1;
+    return 0;
+}
+
+/* out = A[i] + B[j], rows of width D. */
+static inline void NAME(lookup_row)(const T *A, int64_t i, const T *B, int64_t j, long D,
+                                    T *out) {
+    const T *x = A + i * D, *y = B + j * D;
+    for (long d = 0; d < D; ++d) out[d] = x[d] + y[d];
+}
+
+/* dA[i] += g, then dB[j] += g. */
+static inline void NAME(lookup_row_backward)(const T *g, T *dA, int64_t i, T *dB, int64_t j,
+                                             long D) {
+    T *x = dA + i * D, *y = dB + j * D;
+    for (long d = 0; d < D; ++d) x[d] += g[d];
+    for (long d = 0; d < D; ++d) y[d] += g[d];
+}
 
 /* Returns 0, or 1 (nothing written) if an id is outside its table. */
 VECTOR_CLONES
 int NAME(gather_add_forward)(long R, long D, const T *A, long NA, const int64_t *a, const T *B,
                              long NB, const int64_t *b, T *out) {
-    for (long r = 0; r < R; ++r)
-        if (a[r] < 0 || a[r] >= NA || b[r] < 0 || b[r] >= NB) return 1;
-    for (long r = 0; r < R; ++r) {
-        const T *x = A + a[r] * D, *y = B + b[r] * D;
-        T *o = out + r * D;
-        for (long d = 0; d < D; ++d) o[d] = x[d] + y[d];
-    }
+    if (NAME(ids_outside)(R, NA, a, NB, b)) return 1;
+    for (long r = 0; r < R; ++r) NAME(lookup_row)(A, a[r], B, b[r], D, out + r * D);
     return 0;
 }
 
@@ -24,15 +44,9 @@ int NAME(gather_add_forward)(long R, long D, const T *A, long NA, const int64_t 
 WIDE_VECTOR_CLONES
 int NAME(gather_add_backward)(long R, long D, const T *g, long NA, const int64_t *a, long NB,
                               const int64_t *b, T *dA, T *dB) {
-    for (long r = 0; r < R; ++r)
-        if (a[r] < 0 || a[r] >= NA || b[r] < 0 || b[r] >= NB) return 1;
+    if (NAME(ids_outside)(R, NA, a, NB, b)) return 1;
     memset(dA, 0, sizeof(T) * NA * D);
     memset(dB, 0, sizeof(T) * NB * D);
-    for (long r = 0; r < R; ++r) {
-        const T *gr = g + r * D;
-        T *x = dA + a[r] * D, *y = dB + b[r] * D;
-        for (long d = 0; d < D; ++d) x[d] += gr[d];
-        for (long d = 0; d < D; ++d) y[d] += gr[d];
-    }
+    for (long r = 0; r < R; ++r) NAME(lookup_row_backward)(g + r * D, dA, a[r], dB, b[r], D);
     return 0;
 }

@@ -1,38 +1,85 @@
 /* One precision of two elementwise feature maps and their backwards (models/feature_maps.py,
- * ELUPlusOne and Tanh through Pointwise): included by steps.c with T, NAME(x) and EXP(x)
- * defined. PyTorch's elu and tanh are several passes (elu, then + 1) or slow exps on this
- * class of CPU; here one pass each way, with the exp of expf_impl.h in float32.
+ * ELUPlusOne and Tanh through Pointwise and PointwiseKernel): included by steps.c with T,
+ * NAME(x) and EXP(x) defined (after gather_add_impl.h). PyTorch's elu and tanh are several
+ * passes (elu, then + 1) or slow exps on this class of CPU; here one pass each way, with the
+ * exp of expf_impl.h in float32.
  * Arguments of EXP are floored at `floor` (float32 -87), where exp is still a normal number;
  * (c < floor ? floor : c) and (y > 1 ? 1 : y) keep a NaN. */
 
-/* y = elu(x) + 1 = x + 1 (x > 0), exp(x) (x <= 0). */
-WIDE_VECTOR_CLONES
-void NAME(elu_plus_one_forward)(long n, T floor, const T *x, T *y) {
-    for (long i = 0; i < n; ++i) {
-        const T v = x[i], c = v > 0 ? (T)0 : v;
-        const T e = EXP(c < floor ? floor : c);
-        y[i] = v > 0 ? v + 1 : e;
-    }
+/* elu(v) + 1 = v + 1 (v > 0), exp(v) (v <= 0). */
+static inline T NAME(elu_plus_one_value)(T v, T floor) {
+    const T c = v > 0 ? (T)0 : v;
+    const T e = EXP(c < floor ? floor : c);
+    return v > 0 ? v + 1 : e;
 }
 
-/* dx = g dy/dx = g min(y, 1): exp(x) = y where x <= 0, 1 where x > 0 (y > 1). */
-WIDE_VECTOR_CLONES
-void NAME(elu_plus_one_backward)(long n, const T *y, const T *g, T *dx) {
-    for (long i = 0; i < n; ++i) dx[i] = g[i] * (y[i] > 1 ? (T)1 : y[i]);
+/* Its slope from its value y: exp(v) = y where v <= 0, 1 where v > 0 (y > 1). */
+static inline T NAME(elu_plus_one_slope)(T y) { return y > 1 ? (T)1 : y; }
+
+/* tanh(v) = 1 - 2 / (exp(2v) + 1): within 2e-7 of tanh in float32 (absolute; the same bound
+ * as models/numerics.py's tanh_via_sigmoid), exactly +-1 far out. */
+static inline T NAME(tanh_value)(T v, T floor) {
+    const T a = 2 * v;
+    return 1 - 2 / (EXP(a < floor ? floor : a) + 1);
 }
 
-/* y = tanh(x) = 1 - 2 / (exp(2x) + 1): within 2e-7 of tanh in float32 (absolute; the same
- * bound as models/numerics.py's tanh_via_sigmoid), exactly +-1 far out. */
-WIDE_VECTOR_CLONES
-void NAME(tanh_forward)(long n, T floor, const T *x, T *y) {
-    for (long i = 0; i < n; ++i) {
-        const T a = 2 * x[i];
-        y[i] = 1 - 2 / (EXP(a < floor ? floor : a) + 1);
-    }
+/* Its slope from its value y: 1 - y^2. */
+static inline T NAME(tanh_slope)(T y) { return 1 - y * y; }
+
+/* For each map: y = f(x) and dx = g f'(x) from y; and the same map read as a kernel of keys
+ * given as two row lookups (PointwiseKernel, models/feature_maps.py):
+ *   lookup_forward   y[r] = f(A[a_r] + B[b_r]) for rows r0 <= r < r1 of [B L, D]: the floats
+ *                    of gather_add_forward followed by the map's forward
+ *   lookup_backward  the gradient of the scores s[b, j, t] = p[b, j] . y[b, t] (p = phi(q)
+ *                    [B, Q, D], y [B, L, D]; dLoss/ds = g [B, Q, L]) to the two tables: for
+ *                    each key row bt ascending, dy = sum_j g[b, j, t] p[b, j] (j ascending;
+ *                    one query: the product g p alone, as PairScores' backward computes it),
+ *                    dx = dy f'(x) from y, dA[a_bt] += dx, dB[b_bt] += dx (gather_add_backward's
+ *                    order). dA [NA, D], dB [NB, D] overwritten; scratch D.
+ * Both return 0, or 1 (nothing written) if an id is outside its table. Nothing of [B L, D]
+ * is written back: neither the keys k nor dy nor dk. */
+#define POINTWISE_MAP(map)                                                                      \
+WIDE_VECTOR_CLONES                                                                              \
+void NAME(map##_forward)(long n, T floor, const T *x, T *y) {                                   \
+    for (long i = 0; i < n; ++i) y[i] = NAME(map##_value)(x[i], floor);                         \
+}                                                                                               \
+                                                                                                \
+WIDE_VECTOR_CLONES                                                                              \
+void NAME(map##_backward)(long n, const T *y, const T *g, T *dx) {                              \
+    for (long i = 0; i < n; ++i) dx[i] = g[i] * NAME(map##_slope)(y[i]);                        \
+}                                                                                               \
+                                                                                                \
+WIDE_VECTOR_CLONES                                                                              \
+int NAME(map##_lookup_forward)(long r0, long r1, long D, T floor, const T *A, long NA,          \
+                               const int64_t *a, const T *B, long NB, const int64_t *b, T *y) { \
+    if (NAME(ids_outside)(r1 - r0, NA, a + r0, NB, b + r0)) return 1;                           \
+    for (long r = r0; r < r1; ++r) {                                                            \
+        T *row = y + r * D;                                                                     \
+        NAME(lookup_row)(A, a[r], B, b[r], D, row);                                             \
+        for (long d = 0; d < D; ++d) row[d] = NAME(map##_value)(row[d], floor);                 \
+    }                                                                                           \
+    return 0;                                                                                   \
+}                                                                                               \
+                                                                                                \
+WIDE_VECTOR_CLONES                                                                              \
+int NAME(map##_lookup_backward)(long Bn, long Q, long L, long D, const T *g, const T *p,        \
+                                const T *y, long NA, const int64_t *a, long NB,                 \
+                                const int64_t *b, T *dA, T *dB, T *scratch) {                   \
+    if (NAME(ids_outside)(Bn * L, NA, a, NB, b)) return 1;                                      \
+    memset(dA, 0, sizeof(T) * NA * D);                                                          \
+    memset(dB, 0, sizeof(T) * NB * D);                                                          \
+    for (long bt = 0; bt < Bn * L; ++bt) {                                                      \
+        const long batch = bt / L, t = bt % L;                                                  \
+        const T *gb = g + batch * Q * L + t, *pb = p + batch * Q * D, *yr = y + bt * D;         \
+        for (long d = 0; d < D; ++d) scratch[d] = gb[0] * pb[d];                                \
+        for (long j = 1; j < Q; ++j)                                                            \
+            for (long d = 0; d < D; ++d) scratch[d] += gb[j * L] * pb[j * D + d];               \
+        for (long d = 0; d < D; ++d) scratch[d] = scratch[d] * NAME(map##_slope)(yr[d]);        \
+        NAME(lookup_row_backward)(scratch, dA, a[bt], dB, b[bt], D);                            \
+    }                                                                                           \
+    return 0;                                                                                   \
 }
 
-/* dx = g (1 - y^2). */
-WIDE_VECTOR_CLONES
-void NAME(tanh_backward)(long n, const T *y, const T *g, T *dx) {
-    for (long i = 0; i < n; ++i) dx[i] = g[i] * (1 - y[i] * y[i]);
-}
+POINTWISE_MAP(elu_plus_one)
+POINTWISE_MAP(tanh)
+#undef POINTWISE_MAP

@@ -10,16 +10,19 @@
  *                        carried backwards through the writes (models/rules/delta.py,
  *                        DeltaAnswer), O(L D Q) per sequence
  *   dpfp_kernel_impl.h   DPFP-nu's kernel phi(q) . phi(k) and its backward without the
- *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair
+ *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair; also
+ *                        for keys given as the projection's row lookups (DPFPProjectedKernel)
  *   dpfp_features_impl.h DPFP-nu's features and their backward, one pass each way
  *                        (models/feature_maps.py, DPFPFeatures)
  *   gather_add_impl.h    the retrieval model's input projection as two row lookups and a sum
- *                        (models/projection.py, ProjectLookup), forward and backward
+ *                        (models/projection.py, ProjectLookup), forward and backward; its row
+ *                        helpers serve the kernels that read keys in that form
  *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
  *                        per (query, key) pair (models/feature_maps.py, FAVORKernel); float32
  *                        with expf_impl.h's exp, float64 with libm's
  *   pointwise_impl.h     elu(x) + 1 and tanh and their backwards, one pass each
- *                        (models/feature_maps.py, Pointwise)
+ *                        (models/feature_maps.py, Pointwise); the same maps of keys given as
+ *                        row lookups, and the scores' backward to the tables (PointwiseKernel)
  * Row-major, contiguous buffers. Compiled without -ffast-math and with -ffp-contract=off, every
  * sum in a fixed order (dot_impl.h), so every machine rounds the same way.
  */
@@ -55,9 +58,9 @@
 #include "fwm_steps_impl.h"
 #include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
+#include "gather_add_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "dpfp_features_impl.h"
-#include "gather_add_impl.h"
 #define EXP(x) fixed_expf(x)
 #include "favor_kernel_impl.h"
 #include "pointwise_impl.h"
@@ -73,9 +76,9 @@
 #include "fwm_steps_impl.h"
 #include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
+#include "gather_add_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "dpfp_features_impl.h"
-#include "gather_add_impl.h"
 #define EXP(x) exp(x)
 #include "favor_kernel_impl.h"
 #include "pointwise_impl.h"
