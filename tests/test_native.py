@@ -337,7 +337,7 @@ def favor_terms_reference(s, c, floor):
 def test_fixed_expf_is_within_two_ulp_of_exp():
     """csrc/expf_impl.h over float32's whole floored range (c = 0, one feature: the row's sum is
     exp(max(s, -87)) + exp(max(-s, -87)), and its difference), then the edges: overflow to
-    inf, and NaN."""
+    inf, and NaN; and its form for arguments in [-87, 0] (ELU + 1's)."""
     import numpy as np
     library = native.steps(torch.zeros(1))
     if library is None:
@@ -357,6 +357,9 @@ def test_fixed_expf_is_within_two_ulp_of_exp():
     edges = torch.tensor([[88.73], [100.0], [float("inf")], [float("nan")]])
     K = native.favor_kernel_forward(library, edges, torch.zeros(4), -87.0)
     assert torch.isinf(K[:3]).all() and torch.isnan(K[3])
+    # ELU + 1's exp of arguments it caps at 0 (fixed_expf_nonpositive): the same bound
+    x = grid[grid <= 0].contiguous()
+    assert ulps(native.pointwise_forward(library, "elu_plus_one", x, -87.0), x.double().exp()).max() <= 2.0
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])

@@ -34,3 +34,27 @@ static inline float fixed_expf(float x) {
     memcpy(&scale, &bits, sizeof scale);
     return nan ? x + x : p * scale;                           /* x + x: a quiet NaN */
 }
+
+/* fixed_expf for arguments already in [-87.3, 0] (or NaN): the same floats there, without
+ * the clamps that range cannot reach and with 2^n read from the bits of the rounding sum
+ * (12582912 + n, exact for these n) rather than converted from it. A NaN stays NaN through
+ * the polynomial. ELU + 1's exp, whose argument the map itself caps at 0. */
+static inline float fixed_expf_nonpositive(float x) {
+    const float shifted = x * 1.44269504088896341f + 12582912.0f;  /* 12582912 + n */
+    const float nf = shifted - 12582912.0f;
+    float r = x - nf * 0.693359375f;
+    r = r - nf * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;                 /* n + 127 in the exponent */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}

@@ -1,6 +1,7 @@
 /* One precision of two elementwise feature maps and their backwards (models/feature_maps.py,
  * ELUPlusOne and Tanh through Pointwise and PointwiseKernel): included by steps.c with T,
- * NAME(x) and EXP(x) defined (after gather_add_impl.h). PyTorch's elu and tanh are several
+ * NAME(x), EXP(x) and EXP_NONPOSITIVE(x) (EXP for arguments in [floor, 0]) defined (after
+ * gather_add_impl.h). PyTorch's elu and tanh are several
  * passes (elu, then + 1) or slow exps on this class of CPU; here one pass each way, with the
  * exp of expf_impl.h in float32.
  * Arguments of EXP are floored at `floor` (float32 -87), where exp is still a normal number;
@@ -9,7 +10,7 @@
 /* elu(v) + 1 = v + 1 (v > 0), exp(v) (v <= 0). */
 static inline T NAME(elu_plus_one_value)(T v, T floor) {
     const T c = v > 0 ? (T)0 : v;
-    const T e = EXP(c < floor ? floor : c);
+    const T e = EXP_NONPOSITIVE(c < floor ? floor : c);       /* in [floor, 0] or NaN */
     return v > 0 ? v + 1 : e;
 }
 

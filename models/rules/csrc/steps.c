@@ -62,8 +62,10 @@
 #include "dpfp_kernel_impl.h"
 #include "dpfp_features_impl.h"
 #define EXP(x) fixed_expf(x)
+#define EXP_NONPOSITIVE(x) fixed_expf_nonpositive(x)
 #include "favor_kernel_impl.h"
 #include "pointwise_impl.h"
+#undef EXP_NONPOSITIVE
 #undef EXP
 #undef T
 #undef NAME
@@ -80,8 +82,10 @@
 #include "dpfp_kernel_impl.h"
 #include "dpfp_features_impl.h"
 #define EXP(x) exp(x)
+#define EXP_NONPOSITIVE(x) exp(x)
 #include "favor_kernel_impl.h"
 #include "pointwise_impl.h"
+#undef EXP_NONPOSITIVE
 #undef EXP
 #undef T
 #undef NAME
