@@ -132,7 +132,7 @@ class PointwiseKernel(torch.autograd.Function):
         B, L = values.shape
         phi_k = pointwise_lookup_forward(library, kind, columns.contiguous(), values.reshape(-1),
                                          table.contiguous(), keys.reshape(-1),
-                                         exp_floor(phi_q.dtype)).view(B, L, -1)
+                                         exp_floor(phi_q.dtype)).view(B, L, columns.shape[1])
         ctx.save_for_backward(phi_q, phi_k, values, keys)
         ctx.kind, ctx.library, ctx.sizes = kind, library, (columns.shape[0], table.shape[0])
         return phi_q @ phi_k.transpose(1, 2)
