@@ -539,7 +539,7 @@ def test_kernels_read_projected_keys_with_the_floats_of_the_formed_keys(name, nu
         else:
             torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-12,
                                        atol=1e-5 if dtype == torch.float32 else 1e-12)
-    reference = getattr(phi, "reference")
+    reference = phi.reference
     double_inputs = [x.detach().double().requires_grad_() for x in inputs]
     dq, *double_tables = double_inputs
     from models.projection import ProjectedKeys

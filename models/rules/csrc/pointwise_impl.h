@@ -1,9 +1,8 @@
 /* One precision of two elementwise feature maps and their backwards (models/feature_maps.py,
  * ELUPlusOne and Tanh through Pointwise and PointwiseKernel): included by steps.c with T,
- * NAME(x), EXP(x) and EXP_NONPOSITIVE(x) (EXP for arguments in [floor, 0]) defined (after
- * gather_add_impl.h). PyTorch's elu and tanh are several
- * passes (elu, then + 1) or slow exps on this class of CPU; here one pass each way, with the
- * exp of expf_impl.h in float32.
+ * NAME(x), EXP(x) and EXP_NONPOSITIVE(x) (EXP for arguments in [floor, 0]) defined, after
+ * gather_add_impl.h. PyTorch's elu and tanh are several passes (elu, then + 1) or slow exps
+ * on this class of CPU; here one pass each way, with the exp of expf_impl.h in float32.
  * Arguments of EXP are floored at `floor` (float32 -87), where exp is still a normal number;
  * (c < floor ? floor : c) and (y > 1 ? 1 : y) keep a NaN. */
 
