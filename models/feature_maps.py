@@ -527,10 +527,10 @@ def favor_projected_kernel(q: Tensor, keys: ProjectedKeys, omega: Tensor) -> Ten
     (``FAVORProjectedKernel``). The same function as ``FAVORKernel`` on ``keys.dense()``,
     rounded differently. q [B, Q, D_k] -> [B, Q, L]."""
     B, L = keys.values.shape
-    columns, table = keys.columns[0], keys.table[0]                      # [S, D_k] each
-    k = lookup_sum(columns, table, keys.values.flatten(), keys.keys.flatten()).view(B, L, -1)
+    columns, table, values, ids = keys.lookups()                 # [S, D_k] each, [B, L] ids
+    k = lookup_sum(columns, table, values.flatten(), ids.flatten()).view(B, L, -1)
     return FAVORProjectedKernel.apply(q @ omega.T, columns @ omega.T, table @ omega.T,
-                                      keys.values, keys.keys, favor_offsets(q, k, omega.shape[0]))
+                                      values, ids, favor_offsets(q, k, omega.shape[0]))
 
 
 class FAVORPlus(RandomFeatureMap):
