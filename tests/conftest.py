@@ -17,7 +17,7 @@ def generator():
 
 @pytest.fixture(params=["native", "native-chunkwise", "torch"])
 def native_steps(request, monkeypatch):
-    """Run the FWM write (sequential at small states; "native-chunkwise": its chunk steps
+    """Run the FWM write (sequential at tiny states; "native-chunkwise": the chunked C write
     always), the delta rule's answer, DPFP's and FAVOR+'s kernels, the ELU + 1 and tanh maps
     and the projection lookups (single and stacked models) compiled (skipped without a C
     compiler) or in PyTorch."""

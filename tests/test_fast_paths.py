@@ -204,14 +204,15 @@ def assert_blocks_equal_whole(monkeypatch, run, function, three_states_bytes, to
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator, native_steps):
+def test_fwm_write_in_batch_blocks_equals_the_whole_batch(monkeypatch, generator):
     """Blocks of sequences (what keeps a block's states in cache) give the whole batch's forward,
     gradients and evaluation, blocks ragged. In float64: a block that starts off a 64-byte
     boundary can round MKL's products differently, and with the clip this active (keys of norm
     about 5) float32 gradients then differ by up to 5e-4 relative on some draws. (Blocks are
-    the chunkwise write's: the sequential one, which takes states this small, is off.)"""
+    the PyTorch write's, FWMWrite, which runs without the compiled library; the compiled one
+    takes one sequence at a time.)"""
     import models.rules.fwm as fwm
-    monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
+    monkeypatch.setattr(fwm, "steps", lambda *tensors: None)
     B, L, D_k, D_v = 7, 40, 6, 5
     k = 2 * torch.randn(B, L, D_k, generator=generator, dtype=torch.float64)
     v = F.one_hot(torch.randint(0, D_v, (B, L), generator=generator), D_v).double()

@@ -817,3 +817,104 @@ def test_sequential_write_odd_widths_and_intervals(D_k, D_v, generator):
                                                              interval, values_grad=True)
         for got, want in zip((k_bar, v_bar, b_bar), grads):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def chunked_write_and_grads(k, values, beta, weight, chunk, d_value=None):
+    """fwm_write's chunked C form (FWMChunked): the state, its evaluation-mode twin and the
+    gradients of <S, weight> for k, beta and (dense values) v."""
+    k = k.clone().requires_grad_()
+    beta = beta.clone().requires_grad_()
+    dense = d_value is None
+    values = values.clone().requires_grad_() if dense else values
+    kwargs = dict(v=values) if dense else dict(v=None, ids=values, d_value=d_value)
+    S = fwm_write(k, beta=beta, chunk_size=chunk, **kwargs)
+    assert S.grad_fn is not None and "FWMChunked" in type(S.grad_fn).__name__
+    (S * weight).sum().backward()
+    with torch.no_grad():
+        S_eval = fwm_write(k, beta=beta, chunk_size=chunk, **kwargs)
+    return S.detach(), S_eval, k.grad, beta.grad, values.grad if dense else None
+
+
+# Widths around the small product's tiles (4 rows, 2 vectors of 8 floats / 4 doubles, a
+# 4-wide and a scalar tail) and lengths around the chunk (one position, a short single chunk,
+# a ragged last chunk, whole chunks).
+@pytest.mark.parametrize("D_k,D_v,L,chunk", [(1, 1, 1, 4), (3, 5, 7, 16), (9, 17, 31, 8),
+                                             (13, 30, 48, 16), (36, 20, 45, 32),
+                                             (64, 44, 64, 32)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_chunked_write_equals_the_float64_loop(dtype, tol, D_k, D_v, L, chunk, monkeypatch,
+                                               generator):
+    """State, evaluation and gradients (k, beta, dense v) of the chunked C write against
+    fwm_recurrent in float64, the clip active; the same floats twice."""
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
+    B = 3
+    k = 2 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
+    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
+    weight = torch.randn(B, D_k, D_v, generator=generator, dtype=torch.float64)
+    ours = chunked_write_and_grads(*(x.to(dtype) for x in (k, v, beta, weight)), chunk)
+    exact = [x.requires_grad_() for x in (k.clone(), beta.clone(), v.clone())]
+    S = fwm_recurrent(None, exact[0], exact[2], exact[1])[1]
+    grads = torch.autograd.grad((S * weight).sum(), exact)
+    if L > 1:
+        assert S.flatten(1).norm(dim=1).max().item() == pytest.approx(1.0)  # the clip is active
+    scale = max(1.0, max(g.abs().max().item() for g in grads))
+    for a, b in zip(ours, (S, S, *grads)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * scale)
+    assert torch.equal(ours[0], ours[1])                     # evaluation keeps nothing, same floats
+    assert all(torch.equal(a, b) for a, b in zip(ours, chunked_write_and_grads(
+        *(x.to(dtype) for x in (k, v, beta, weight)), chunk)))             # deterministic
+
+
+def test_chunked_write_one_hot_ids_equal_dense_values_and_threads_change_no_float(
+        monkeypatch, generator):
+    """One-hot ids give the dense one-hot values' floats; sequences split over threads give
+    one thread's floats; a bad id is an IndexError, forward and evaluation."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
+    B, L, D_k, D_v = 5, 40, 16, 12
+    k = torch.tanh(torch.randn(B, L, D_k, generator=generator))
+    ids = torch.randint(0, D_v, (B, L), generator=generator)
+    beta = torch.rand(B, L, generator=generator)
+    weight = torch.randn(B, D_k, D_v, generator=generator)
+    one_hot = chunked_write_and_grads(k, ids, beta, weight, 16, d_value=D_v)
+    dense = chunked_write_and_grads(k, torch.nn.functional.one_hot(ids, D_v).float(), beta,
+                                    weight, 16)
+    assert all(torch.equal(a, b) for a, b in zip(one_hot[:4], dense[:4]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0)
+        split = chunked_write_and_grads(k, ids, beta, weight, 16, d_value=D_v)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one_hot[:4], split[:4]))
+    wrong = ids.clone()
+    wrong[3, 37] = -1
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(IndexError, match="outside 0..11"):
+            fwm_write(k.clone().requires_grad_(), None, beta, ids=wrong, d_value=D_v)
+
+
+def test_chunked_write_gradients_through_a_long_clipped_sequence(monkeypatch, generator):
+    """Through 400 strongly clipped positions (the early gradients fall below 1e-30) the float32
+    gradients stay within float32 rounding of the largest: 4e-7 of it here, as the PyTorch
+    write's (FWMWrite) and the sequential one's. Unlike the sequential write, small late
+    gradients (1e-8 of the largest, from cancelling terms) are not kept to their own scale."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
+    B, L, D_k, D_v = 2, 400, 8, 4
+    k = 3 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
+    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
+    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
+    weight = torch.randn(B, D_k, D_v, generator=generator, dtype=torch.float64)
+    exact = [x.clone().requires_grad_() for x in (k, v, beta)]
+    reference = torch.autograd.grad((fwm.fwm_chunkwise(*exact, 64) * weight).sum(), exact)
+    ours = chunked_write_and_grads(k.float(), v.float(), beta.float(), weight.float(), 32)
+    assert reference[0][:, : L // 2].abs().max() < 1e-30              # the early gradients vanish
+    for got, want in zip((ours[2], ours[4], ours[3]), reference):
+        assert (got.double() - want).abs().max() <= 4e-6 * want.abs().max()

@@ -25,10 +25,9 @@ later retrievals instead of the [B, D_k, D_v] state.
 
 ``fwm_write`` (what FWMRule uses) computes the same state the other way round: a step reads
 r_t from the updates u_s written so far in the chunk (one small product, nothing of size
-[C, D_v] written per step), which also keeps its hand-written backward small (``FWMWrite``).
-For small states it writes one position at a time in C instead (``FWMSequential``): the
-state stays in cache and a position costs a pass or two over it, against the chunk's
-products, which only pay off once the state is large.
+[C, D_v] written per step), which also keeps its hand-written backward small (``FWMWrite``,
+in PyTorch). With the compiled library the same arithmetic runs in C one sequence at a time
+(``FWMChunked``), and for tiny states one position at a time (``FWMSequential``).
 """
 from __future__ import annotations
 
@@ -40,12 +39,12 @@ from torch import Tensor
 
 from models.rules.base import UpdateRule
 from models.rules.blocks import block_size, in_blocks
-from models.rules.native import (backward_steps, forward_steps, fwm_sequential_backward,
-                                 fwm_sequential_forward, steps)
+from models.rules.native import (fwm_chunked_backward, fwm_chunked_forward,
+                                 fwm_sequential_backward, fwm_sequential_forward, steps)
 
-# The sequential write (FWMSequential) for states of at most this many bytes, the chunkwise one
-# (FWMWrite) above: measured on the 2-core CPU, see fwm_write.
-SEQUENTIAL_STATE_BYTES = 16 << 10
+# The sequential write (FWMSequential) for states of at most this many bytes, the chunked one
+# (FWMChunked) above: measured on the 2-core CPU, see fwm_write.
+SEQUENTIAL_STATE_BYTES = 2560
 # The sequential backward keeps its checkpoints and a chunk's rebuilt states in about this much.
 SEQUENTIAL_WORK_BYTES = 512 << 10
 
@@ -53,15 +52,13 @@ def _clip_factor(norm: Tensor) -> Tensor:
     return 1.0 / torch.clamp(norm, min=1.0)
 
 
-def value_chunks(chunks, d_value: int | None, dtype: torch.dtype, native=None):
+def value_chunks(chunks, d_value: int | None, dtype: torch.dtype):
     """Chunks of the values (``v.split(C, dim=1)``, in any order) as the steps take them:
     contiguous [B, C, D_v] slices of v [B, L, D_v]; or, for one-hot ids [B, L] (d_value given),
-    contiguous [B, C] id slices for the compiled steps (``native``), which build each one-hot
-    row as they use it, else one-hot rows built one chunk at a time. Both give the floats of
-    F.one_hot(ids, d_value) without its [B, L, D_v] int64 tensor and float copy (about 9 ms of
-    a 130 ms training step at S = 140 in Setting 2)."""
+    one-hot rows built one chunk at a time: the floats of F.one_hot(ids, d_value) without its
+    [B, L, D_v] int64 tensor and float copy."""
     for chunk in chunks:
-        if d_value is None or native is not None:
+        if d_value is None:
             yield chunk.contiguous()
         else:
             yield chunk.new_zeros(*chunk.shape, d_value, dtype=dtype).scatter_(2, chunk[:, :, None], 1.0)
@@ -128,14 +125,11 @@ def fwm_chunkwise(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64) -> T
     return S if S is not None else k.new_zeros(B, D_k, D_v)
 
 
-def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool, native,
+def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: bool,
                      d_value: int | None = None):
     """FWMWrite's forward: (S_L [B, D_k, D_v], per-chunk quantities for the backward if keep).
-    v [B, L, D_v], or one-hot ids [B, L] with d_value (``value_chunks``).
-
-    The steps of a chunk run in C with ``native``, the compiled library (``steps(k, beta)``
-    of ``models/rules/native.py``), or with None in ``forward_steps_torch``; both compute the
-    same quantities (and FWMWrite's backward: ``backward_steps``, ``backward_steps_torch``)."""
+    v [B, L, D_v], or one-hot ids [B, L] with d_value (``value_chunks``). A chunk's steps run
+    in ``forward_steps_torch`` (the backward's in ``backward_steps_torch``)."""
     B, L, D_k = k.shape
     D_v = v.shape[2] if d_value is None else d_value
     S = None
@@ -143,15 +137,11 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
     chunks = []
     for index, (K, V, b) in enumerate(zip(k.split(chunk_size, dim=1),
                                           value_chunks(v.split(chunk_size, dim=1), d_value,
-                                                       k.dtype, native),
+                                                       k.dtype),
                                           beta.split(chunk_size, dim=1))):
         G = K @ K.transpose(1, 2)                                     # [B, C, C]
         R0 = K @ S if S is not None else None                         # [B, C, D_v]
-        if native is not None:                                        # n updated in place
-            hk, E, w, U, r, n_pre, c, g, d = forward_steps(native, G, R0, V, b.contiguous(), n,
-                                                           index == 0, d_value)
-        else:
-            hk, E, w, U, r, n_pre, c, g, d, n = forward_steps_torch(G, R0, V, b, n, index == 0)
+        hk, E, w, U, r, n_pre, c, g, d, n = forward_steps_torch(G, R0, V, b, n, index == 0)
         if keep:
             chunks.append(dict(hk=hk, S0=S, r=r, U=U, n_pre=n_pre, c=c, g=g, d=d, E=E, w=w,
                                first=index == 0))
@@ -164,8 +154,8 @@ def fwm_write_chunks(k: Tensor, v: Tensor, beta: Tensor, chunk_size: int, keep: 
 
 
 def forward_steps_torch(G, R0, V, b, n, first: bool):
-    """One chunk's forward steps in PyTorch, the reference of the compiled ``forward_steps``
-    (models/rules/native.py; the recurrence is in FWMWrite's docstring). G = K K^T [B, C, C],
+    """One chunk's forward steps in PyTorch (the recurrence is in FWMWrite's docstring; C's
+    twin: fwm_forward_sequence in csrc/fwm_steps_impl.h). G = K K^T [B, C, C],
     R0 = K S_0 [B, C, D_v] or None (first chunk), V [B, C, D_v], b [B, C], n [B] -> (hk, E, w,
     U, r, n_pre, c, g, d, n)."""
     B, C, D_v = V.shape
@@ -201,8 +191,8 @@ def forward_steps_torch(G, R0, V, b, n, first: bool):
 
 
 def backward_steps_torch(Z, d, s0dot, hk, n_pre, c, first, w, U, r, V, b, n_bar):
-    """One chunk's backward steps in PyTorch, the reference of the compiled ``backward_steps``
-    (models/rules/native.py; the recurrence is in FWMWrite's docstring). Z = K S_out_bar
+    """One chunk's backward steps in PyTorch (the recurrence is in FWMWrite's docstring; C's
+    twin: fwm_backward_sequence in csrc/fwm_steps_impl.h). Z = K S_out_bar
     [B, C, D_v], s0dot = <S_out_bar, S_0> [B] or None (first chunk), the forward's d, hk,
     n_pre, c [B, C], w [B, C, C], U, r, V [B, C, D_v], b [B, C], n_bar [B] -> (U_bar, R_bar,
     diag = nb' |u|^2, b_bar [B, C], n_bar)."""
@@ -266,10 +256,7 @@ class FWMWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, beta, chunk_size, d_value):
         # v [B, L, D_v], or one-hot ids [B, L] with d_value (``value_chunks``)
-        native = steps(k, beta) if d_value is not None else steps(k, v, beta)
-        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True, native=native,
-                                     d_value=d_value)
-        ctx.native = native                      # the backward runs its steps as the forward did
+        S, chunks = fwm_write_chunks(k, v, beta, chunk_size, keep=True, d_value=d_value)
         ctx.save_for_backward(k, v, beta)
         ctx.chunks, ctx.chunk_size, ctx.d_value = chunks, chunk_size, d_value
         return S
@@ -280,23 +267,18 @@ class FWMWrite(torch.autograd.Function):
         k, v, beta = ctx.saved_tensors
         chunk_size, chunks, d_value = ctx.chunk_size, ctx.chunks, ctx.d_value
         n_bar = k.new_zeros(k.shape[0])          # adjoint of the norm carried out of a chunk
-        native = ctx.native
         k_grads, v_grads, b_grads = [], [], []
         for K, V, b, ch in zip(reversed(k.split(chunk_size, dim=1)),
                                value_chunks(reversed(v.split(chunk_size, dim=1)), d_value,
-                                            k.dtype, native),
+                                            k.dtype),
                                reversed(beta.split(chunk_size, dim=1)), reversed(chunks)):
             hk, S0, r, U, n_pre, c, g, d, E, w = (ch[name] for name in
                                                   ("hk", "S0", "r", "U", "n_pre", "c", "g", "d", "E", "w"))
             # The chunk's output S_out = d_0 S0 + K^T (d * U).
             Z = K @ S_bar                                             # [B, C, D_v]
             s0dot = (S_bar * S0).sum((1, 2)) if S0 is not None else None   # [B]
-            step_inputs = (Z, d, s0dot, hk, n_pre, c, ch["first"], w, U, r, V, b.contiguous(), n_bar)
-            if native is not None:               # n_bar updated in place
-                U_bar, R_bar, diag, b_bar = backward_steps(native, *step_inputs,
-                                                           one_hot=d_value is not None)
-            else:
-                U_bar, R_bar, diag, b_bar, n_bar = backward_steps_torch(*step_inputs)
+            U_bar, R_bar, diag, b_bar, n_bar = backward_steps_torch(
+                Z, d, s0dot, hk, n_pre, c, ch["first"], w, U, r, V, b, n_bar)
             b_grads.append(b_bar)
             if ctx.needs_input_grad[1]:          # values are one-hot constants in the models
                 v_grads.append(b[:, :, None] * U_bar)
@@ -311,6 +293,33 @@ class FWMWrite(torch.autograd.Function):
             k_grads.append(K_bar)
         v_grad = torch.cat(v_grads[::-1], dim=1) if v_grads else None
         return torch.cat(k_grads[::-1], dim=1), v_grad, torch.cat(b_grads[::-1], dim=1), None, None
+
+
+class FWMChunked(torch.autograd.Function):
+    """FWMWrite's arithmetic with whole sequences in C (csrc/fwm_chunked_impl.h): each
+    sequence's chunks run one after another with the chunk's products done on that sequence's
+    blocks (matmul_impl.h), so its state, the state's adjoint and the chunk's rows stay in
+    cache between them, and nothing of the whole batch is written between operations. Keeps the
+    states entering every chunk but the first, and the steps' quantities (hk, n', c, g, d,
+    E, w, u, r) for the backward."""
+
+    @staticmethod
+    def forward(ctx, k, values, beta, chunk_size, d_value, library):
+        # values: dense v [B, L, D_v], or one-hot ids [B, L] with d_value
+        k, values, beta = k.contiguous(), values.contiguous(), beta.contiguous()
+        S, kept = fwm_chunked_forward(library, k, values, beta, chunk_size, d_value, keep=True)
+        ctx.save_for_backward(k, values, beta, *kept)
+        ctx.chunk_size, ctx.d_value, ctx.library = chunk_size, d_value, library
+        return S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, S_bar):
+        k, values, beta, *kept = ctx.saved_tensors
+        k_bar, b_bar, v_bar = fwm_chunked_backward(
+            ctx.library, k, values, beta, ctx.chunk_size, kept, S_bar.contiguous(), ctx.d_value,
+            values_grad=ctx.needs_input_grad[1])
+        return k_bar, v_bar, b_bar, None, None, None
 
 
 def checkpoint_interval(length: int, state_bytes: int) -> int:
@@ -329,8 +338,8 @@ class FWMSequential(torch.autograd.Function):
     of the module doc, W <- c_t (W + u_t k_t^T), keeping r, u, n', c; backward builds the states
     again from u and c (checkpoints every ``checkpoint_interval`` positions) and runs the
     positions in reverse (the recurrence is in the C file). The same function as FWMWrite, one
-    pass over the state per position forward and about three back, against FWMWrite's chunk
-    products, which win at large states (``SEQUENTIAL_STATE_BYTES``). The state it returns is a
+    pass over the state per position forward and about three back, against FWMChunked's chunk
+    products, which win at all but tiny states (``SEQUENTIAL_STATE_BYTES``). The state it returns is a
     transposed view of the C layout [B, D_v, D_k] (reads take it as it is)."""
 
     @staticmethod
@@ -360,15 +369,18 @@ def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
     ``fwm_write(k, None, beta, ids=ids, d_value=D_v)`` with ids [B, L] long: each one-hot row is
     built when it is used, never the whole [B, L, D_v] matrix (the same floats).
 
-    With the compiled library and a state of at most SEQUENTIAL_STATE_BYTES, ``FWMSequential``
-    (one position at a time in C). Measured forward + backward on the 2-core CPU, B = 128,
-    L = 2 D_v, sequential against chunkwise: D_k = 64, D_v = 20 / 40 / 60 / 80: 3.3 / 11.7 /
-    25.6 / 57.4 ms against 3.7 / 11.6 / 25.2 / 39.7; D_k = 128, D_v = 10 / 20 / 30 / 40: 1.8 /
-    5.2 / 12.0 / 20.5 against 2.4 / 6.5 / 13.1 / 19.4.
-    Else ``FWMWrite`` (lazy reads, hand-written backward): a chunk's per-step read costs
-    O(t D_v) and its boundary O(D_k D_v); 32 to 64 is flat on a CPU at the paper's sizes
-    (B = 128, L = 400, D_v = 200). Without a gradient to compute (evaluation), the chunkwise
-    forward alone; under torch.func transforms (vmap, grad) ``fwm_chunkwise``."""
+    With the compiled library, ``FWMChunked`` (whole sequences in C, chunk by chunk), or for a
+    state of at most SEQUENTIAL_STATE_BYTES ``FWMSequential`` (one position at a time in C).
+    Measured forward + backward on the 2-core CPU (Zen 4), L = 2 D_v, sequential against
+    chunked: B = 128, D_k = 64, D_v = 10 / 12 / 16 / 20 / 40 / 60 / 80: 1.15 / 1.32 / 2.45 /
+    4.59 / 13.2 / 29.8 / 62.7 ms against 1.26 / 1.28 / 1.66 / 2.94 / 10.1 / 22.2 / 37.9
+    (D_v = 30: 7.5 against 8.2); B = 32, D_k = 128, D_v = 8 / 10 / 20 / 40: 0.41 / 0.52 / 1.38
+    / 5.8 against 0.34 / 0.66 / 1.26 / 3.4. Chunks of 32: 24 to 48 within 4% at B = 128,
+    D_k = 64, D_v = 140, 16 and 64 6-20% slower.
+    Without the library, ``FWMWrite`` (the same arithmetic in PyTorch, lazy reads, hand-written
+    backward; in blocks of sequences whose states fit L2), and without a gradient to compute
+    (evaluation) ``fwm_chunkwise``, which runs fewer PyTorch ops per step; under torch.func
+    transforms (vmap, grad) ``fwm_chunkwise``."""
     if (v is None) == (ids is None):
         raise ValueError("give either dense values v or one-hot ids")
     if ids is not None and d_value is None:
@@ -390,18 +402,18 @@ def fwm_write(k: Tensor, v: Tensor | None, beta: Tensor, chunk_size: int = 32,
         W, _ = fwm_sequential_forward(native, k.contiguous(), values.contiguous(),
                                       beta.contiguous(), d_value)
         return W.transpose(1, 2)
-    block = block_size(k.shape[0], k.shape[2] * D_v * k.element_size(), k.device)
-    if k.shape[0] > block:                                     # states in L2 (rules/blocks.py)
-        return in_blocks(lambda K, X, b: fwm_write(K, X if ids is None else None, b, chunk_size,
-                                                   X if ids is not None else None, d_value),
-                         block, k, values, beta)
+    if native is not None:
+        if grad:
+            return FWMChunked.apply(k, values, beta, int(chunk_size), d_value, native)
+        return fwm_chunked_forward(native, k.contiguous(), values.contiguous(), beta.contiguous(),
+                                   int(chunk_size), d_value)[0]
     if not grad:
-        # Evaluation: nothing kept. The chunkwise form runs fewer PyTorch ops per step.
-        if native is not None:
-            return fwm_write_chunks(k, values, beta, int(chunk_size), keep=False, native=native,
-                                    d_value=d_value)[0]
         dense = v if ids is None else F.one_hot(ids, d_value).to(k.dtype)
         return fwm_chunkwise(k, dense, beta, 64)
+    block = block_size(k.shape[0], k.shape[2] * D_v * k.element_size(), k.device)
+    if k.shape[0] > block:                                     # states in L2 (rules/blocks.py)
+        return in_blocks(lambda K, X, b: FWMWrite.apply(K, X, b, int(chunk_size), d_value),
+                         block, k, values, beta)
     return FWMWrite.apply(k, values, beta, int(chunk_size), d_value)
 
 

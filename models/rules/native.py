@@ -3,9 +3,10 @@
 Some recurrences are a long run of tiny steps, where PyTorch spends a dispatch (~2 us) per op on
 a few thousand flops:
 - the FWM write's clip factors make every position of a chunk depend on the one before;
-  ``csrc/fwm_steps_impl.h`` runs those steps (forward and backward of one chunk, one sequence
-  at a time), and the chunk's matrix products stay in PyTorch; for small states
-  ``csrc/fwm_sequential_impl.h`` runs the whole write, one position at a time;
+  ``csrc/fwm_chunked_impl.h`` runs the whole chunkwise write one sequence at a time, those
+  steps (``csrc/fwm_steps_impl.h``) between the chunk's small matrix products
+  (``csrc/matmul_impl.h``), so nothing of the batch goes to memory between operations; for
+  tiny states ``csrc/fwm_sequential_impl.h`` runs it one position at a time;
 - the delta rule's answer to one query carries the query backwards through the writes, O(D_k)
   per position (``csrc/delta_answer_impl.h``);
 - the retrieval model's input projection is two row lookups and a sum, which PyTorch makes as
@@ -55,7 +56,8 @@ import torch
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "steps.c"]
-HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "fwm_sequential_impl.h",
+HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "matmul_impl.h",
+           CSRC / "fwm_chunked_impl.h", CSRC / "fwm_sequential_impl.h",
            CSRC / "delta_answer_impl.h", CSRC / "dpfp_kernel_impl.h",
            CSRC / "dpfp_features_impl.h", CSRC / "gather_add_impl.h",
            CSRC / "expf_impl.h", CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
@@ -68,7 +70,7 @@ CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 o
                      "dpfp_projected_kernel_forward", "dpfp_projected_kernel_backward",
                      "elu_plus_one_lookup_forward", "elu_plus_one_lookup_backward",
                      "tanh_lookup_forward", "tanh_lookup_backward",
-                     "fwm_forward", "fwm_backward",
+                     "fwm_chunked_forward", "fwm_chunked_backward",
                      "fwm_sequential_forward", "fwm_sequential_backward"]
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
 # reassociation, no contraction); random signs made the branches mispredict half the time.
@@ -203,40 +205,73 @@ def _values(dtype: torch.dtype, values: torch.Tensor, one_hot: bool) -> list:
     return [None, _ids(values)] if one_hot else [*_pointers(dtype, values), None]
 
 
-def forward_steps(library, G, R0, values, b, n, first: bool, d_value: int | None = None):
-    """One chunk's forward steps (see csrc/fwm_steps_impl.h): (hk, E, w, U, r, n_pre, c, g, d);
-    n updated in place. G [B, C, C], R0 [B, C, D] or None, values V [B, C, D] or, with d_value
-    = D, one-hot ids [B, C] (int64), b [B, C], n [B]. IndexError for an id outside 0..D-1."""
-    B, C = b.shape
-    D = d_value if d_value is not None else values.shape[2]
-    hk, n_pre, c, g, d = (b.new_empty(B, C) for _ in range(5))
-    E, w = b.new_empty(B, C, C), b.new_empty(B, C, C)
-    U, r, scratch = b.new_empty(B, C, D), b.new_empty(B, C, D), b.new_empty(D)
-    failed = getattr(library, f"fwm_forward_{SUFFIX[b.dtype]}")(
-        ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D), *_pointers(b.dtype, G, R0),
-        *_values(b.dtype, values, d_value is not None), *_pointers(b.dtype, b, n),
-        ctypes.c_int(int(first)), *_pointers(b.dtype, hk, E, w, U, r, n_pre, c, g, d, scratch))
-    if failed:
-        raise IndexError(f"a one-hot value id outside 0..{D - 1} in the FWM write")
-    return hk, E, w, U, r, n_pre, c, g, d
+def fwm_chunked_forward(library, k, values, b, chunk: int, d_value: int | None = None,
+                        keep: bool = False):
+    """The whole chunkwise FWM write in C, one sequence at a time (csrc/fwm_chunked_impl.h):
+    k [B, L, D_k], values V [B, L, D_v] or, with d_value = D_v, one-hot ids [B, L] (int64),
+    b [B, L], all contiguous, L >= 1 -> (S [B, D_k, D_v], the final state, and with keep the
+    backward's inputs, else None). Sequences split over torch's threads (each sequence alone:
+    no float changes). IndexError for an id outside 0..D_v-1."""
+    B, L, D_k = k.shape
+    D_v = d_value if d_value is not None else values.shape[2]
+    C = int(chunk)
+    if L == 0:
+        raise ValueError("the chunkwise FWM write needs at least one position")
+    nc = -(-L // C)
+    S = k.new_empty(B, D_k, D_v)
+    if keep:                   # the states entering chunks 1.., the steps' quantities
+        kept = (k.new_empty(B, nc - 1, D_k, D_v), *(k.new_empty(B, L) for _ in range(5)),
+                k.new_empty(B, nc, C, C), k.new_empty(B, nc, C, C), k.new_empty(B, L, D_v),
+                k.new_empty(B, L, D_v))
+    else:
+        kept = (None,) * 10
+    states, hk, n_pre, c, g, d, E, w, U, r = kept
+    function = getattr(library, f"fwm_chunked_forward_{SUFFIX[k.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        scratch = k.new_empty(3 * C * C + 3 * C * D_v + 2 * C * D_k + D_v + 5 * C)  # named
+        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                               ctypes.c_long(C), ctypes.c_long(D_k), ctypes.c_long(D_v),
+                               *_pointers(k.dtype, k),
+                               *_values(k.dtype, values, d_value is not None),
+                               *_pointers(k.dtype, b, S, states), ctypes.c_int(int(keep)),
+                               *_pointers(k.dtype, hk, E, w, U, r, n_pre, c, g, d, scratch)))
+
+    _over_batch(B, 2 * B * L * D_k * D_v, run)
+    if any(failed):
+        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    return S, (kept if keep else None)
 
 
-def backward_steps(library, Z, d, s0dot, hk, n_pre, c, first: bool, w, U, r, values, b, n_bar,
-                   one_hot: bool = False):
-    """One chunk's backward steps (see csrc/fwm_steps_impl.h): (U_bar, R_bar [B, C, D], diag,
-    b_bar [B, C]); n_bar updated in place. values: V [B, C, D], or one-hot ids [B, C]."""
-    B, C, D = U.shape
-    U_bar, R_bar = U.new_empty(B, C, D), U.new_empty(B, C, D)
-    diag, b_bar = U.new_empty(B, C), U.new_empty(B, C)
-    scratch = U.new_empty(2 * D + C)
-    failed = getattr(library, f"fwm_backward_{SUFFIX[U.dtype]}")(
-        ctypes.c_long(B), ctypes.c_long(C), ctypes.c_long(D),
-        *_pointers(U.dtype, Z, d, s0dot, hk, n_pre, c), ctypes.c_int(int(first)),
-        *_pointers(U.dtype, w, U, r), *_values(U.dtype, values, one_hot),
-        *_pointers(U.dtype, b, n_bar, U_bar, R_bar, diag, b_bar, scratch))
-    if failed:
-        raise IndexError(f"a one-hot value id outside 0..{D - 1} in the FWM write")
-    return U_bar, R_bar, diag, b_bar
+def fwm_chunked_backward(library, k, values, b, chunk: int, kept, S_bar,
+                         d_value: int | None = None, values_grad: bool = False):
+    """Gradients (k_bar [B, L, D_k], b_bar [B, L], v_bar [B, L, D_v] or None) of
+    ``fwm_chunked_forward`` for dLoss/dS = S_bar [B, D_k, D_v] (contiguous), from what its
+    forward kept. v_bar only for dense values asked for (values_grad)."""
+    B, L, D_k = k.shape
+    D_v = S_bar.shape[2]
+    C = int(chunk)
+    states, hk, n_pre, c, g, d, E, w, U, r = kept
+    k_bar, b_bar = k.new_empty(B, L, D_k), k.new_empty(B, L)
+    v_bar = k.new_empty(B, L, D_v) if values_grad and d_value is None else None
+    function = getattr(library, f"fwm_chunked_backward_{SUFFIX[k.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        scratch = k.new_empty((D_k + max(D_k, C) + 3 * C) * D_v + C * C + 2 * C * D_k
+                              + 2 * D_v + 2 * C)
+        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                               ctypes.c_long(C), ctypes.c_long(D_k), ctypes.c_long(D_v),
+                               *_pointers(k.dtype, k),
+                               *_values(k.dtype, values, d_value is not None),
+                               *_pointers(k.dtype, b, states, hk, E, w, U, r, n_pre, c, g, d,
+                                          S_bar, k_bar, b_bar, v_bar, scratch)))
+
+    _over_batch(B, 4 * B * L * D_k * D_v, run)
+    if any(failed):
+        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    return k_bar, b_bar, v_bar
 
 
 def fwm_sequential_forward(library, k, values, b, d_value: int | None = None, keep: bool = False):

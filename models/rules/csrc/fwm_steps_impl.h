@@ -1,5 +1,7 @@
-/* One precision of the FWM steps: included by steps.c with T (float or double) and
- * NAME(x) (x suffixed with f32 or f64) defined. */
+/* One precision of the FWM write's per-position steps within a chunk, one sequence at a time
+ * (fwm_chunked_impl.h runs them between the chunk's products; their PyTorch twins are
+ * forward_steps_torch and backward_steps_torch in models/rules/fwm.py): included by steps.c
+ * with T (float or double) and NAME(x) (x suffixed with f32 or f64) defined. */
 
 /* out[d] = sum_{s<n} w[s * w_stride] X[s * D + d] for d < D, summed over s in order from
  * zero (the floats of the plain loop `out[d] += w_s X_sd`), with a block of columns held in
@@ -47,150 +49,131 @@ static inline int NAME(bad_ids)(const int64_t *ids, long count, long D) {
     return 0;
 }
 
-/* Forward. In: G [B,C,C] (K K^T), R0 [B,C,D] or NULL, values V [B,C,D] or (V NULL) one-hot
- * ids [B,C] in 0..D-1, b [B,C], n [B] (in/out), first (1: the chunk opens the sequence; its
- * first write is not clipped). Out: hk [B,C] (G_tt / 2), E [B,C,C] (E_ts, s < t; 1 on the
- * diagonal, 0 above), w [B,C,C] (G_ts E_ts, s < t), U [B,C,D], r [B,C,D], n_pre [B,C],
- * c [B,C], g [B,C] and d [B,C] (prod_{j >= s} c_j, taken from the end). scratch: D elements.
- * Returns 0, or 1 (nothing written) if an id is outside 0..D-1. */
-VECTOR_CLONES
-int NAME(fwm_forward)(long B, long C, long D, const T *G, const T *R0, const T *V,
-                      const int64_t *ids, const T *b, T *n, int first, T *hk, T *E, T *w, T *U,
-                      T *r, T *n_pre, T *c, T *g, T *d, T *scratch) {
-    if (NAME(bad_ids)(ids, B * C, D)) return 1;
-    memset(scratch, 0, sizeof(T) * D);
-    for (long i = 0; i < B; ++i) {
-        const T *Gi = G + i * C * C, *Vi = V ? V + i * C * D : NULL, *bi = b + i * C;
-        const int64_t *idi = ids ? ids + i * C : NULL;
-        T *hki = hk + i * C, *di = d + i * C;
-        const T *R0i = R0 ? R0 + i * C * D : NULL;
-        T *Ei = E + i * C * C, *wi = w + i * C * C, *Ui = U + i * C * D, *ri = r + i * C * D;
-        T *npi = n_pre + i * C, *ci = c + i * C, *gi = g + i * C;
-        T norm = n[i];
-        memset(Ei, 0, sizeof(T) * C * C);
-        memset(wi, 0, sizeof(T) * C * C);
-        for (long t = 0; t < C; ++t) hki[t] = (T)0.5 * Gi[t * C + t];
-        for (long t = 0; t < C; ++t) {
-            T *Et = Ei + t * C, *wt = wi + t * C, *rt = ri + t * D, *ut = Ui + t * D;
-            Et[t] = 1;
-            if (t > 0) {                       /* r_t = sum_{s<t} w_ts u_s (+ g_t R0_t below) */
-                const T *Ep = Ei + (t - 1) * C, cp = ci[t - 1];
-                for (long s = 0; s < t; ++s) {
-                    Et[s] = Ep[s] * cp;
-                    wt[s] = Gi[t * C + s] * Et[s];
-                }
-                gi[t] = gi[t - 1] * cp;
-            } else {
-                gi[t] = 1;
+/* One sequence's forward steps over a chunk of C positions. In: Gi [C,C] (K K^T), R0i [C,D]
+ * (K S_0) or NULL (the sequence's first chunk), values Vi [C,D] or (Vi NULL) one-hot ids idi
+ * [C] in 0..D-1, bi [C], *norm_io (||S_0||^2; in/out), first (1: the chunk opens the
+ * sequence; its first write is not clipped). Out: hki [C] (G_tt / 2), Ei [C,C] (E_ts, s < t;
+ * 1 on the diagonal, 0 above), wi [C,C] (G_ts E_ts, s < t), Ui [C,D], ri [C,D], npi [C]
+ * (n'), ci [C], gi [C] and di [C] (prod_{j >= s} c_j, taken from the end).
+ * scratch: D elements, all zero (left zero). */
+static inline __attribute__((always_inline))
+void NAME(fwm_forward_sequence)(long C, long D, const T *Gi, const T *R0i, const T *Vi,
+                                const int64_t *idi, const T *bi, T *norm_io, int first, T *hki,
+                                T *Ei, T *wi, T *Ui, T *ri, T *npi, T *ci, T *gi, T *di,
+                                T *scratch) {
+    T norm = *norm_io;
+    memset(Ei, 0, sizeof(T) * C * C);
+    memset(wi, 0, sizeof(T) * C * C);
+    for (long t = 0; t < C; ++t) hki[t] = (T)0.5 * Gi[t * C + t];
+    for (long t = 0; t < C; ++t) {
+        T *Et = Ei + t * C, *wt = wi + t * C, *rt = ri + t * D, *ut = Ui + t * D;
+        Et[t] = 1;
+        if (t > 0) {                       /* r_t = sum_{s<t} w_ts u_s (+ g_t R0_t below) */
+            const T *Ep = Ei + (t - 1) * C, cp = ci[t - 1];
+            for (long s = 0; s < t; ++s) {
+                Et[s] = Ep[s] * cp;
+                wt[s] = Gi[t * C + s] * Et[s];
             }
-            NAME(weighted_rows)(t, D, wt, 1, Ui, rt);
-            if (R0i) {
-                const T gt = gi[t], *R0t = R0i + t * D;
-                for (long d = 0; d < D; ++d) rt[d] += R0t[d] * gt;
-            }
-            const T bt = bi[t], *Vt = NAME(value_row)(Vi, idi, t, D, scratch);
-            for (long e = 0; e < D; ++e) ut[e] = (Vt[e] - rt[e]) * bt;
-            if (!Vi) scratch[idi[t]] = 0;
-            /* n' = n + 2 u.r + |k|^2 |u|^2 */
-            const T np = norm + 2 * (NAME(dot)(ut, rt, D) + hki[t] * NAME(dot)(ut, ut, D));
-            npi[t] = np;
-            if (first && t == 0) {
-                ci[t] = 1;
-                norm = np;
-            } else {                 /* written so that a NaN norm stays NaN, as clamp does */
-                ci[t] = np <= 1 ? 1 : 1 / (T)sqrt(np);
-                norm = np >= 1 ? 1 : np;
-            }
+            gi[t] = gi[t - 1] * cp;
+        } else {
+            gi[t] = 1;
         }
-        n[i] = norm;
-        for (long t = C - 1; t >= 0; --t) di[t] = t == C - 1 ? ci[t] : di[t + 1] * ci[t];
+        NAME(weighted_rows)(t, D, wt, 1, Ui, rt);
+        if (R0i) {
+            const T gt = gi[t], *R0t = R0i + t * D;
+            for (long d = 0; d < D; ++d) rt[d] += R0t[d] * gt;
+        }
+        const T bt = bi[t], *Vt = NAME(value_row)(Vi, idi, t, D, scratch);
+        for (long e = 0; e < D; ++e) ut[e] = (Vt[e] - rt[e]) * bt;
+        if (!Vi) scratch[idi[t]] = 0;
+        /* n' = n + 2 u.r + |k|^2 |u|^2 */
+        const T np = norm + 2 * (NAME(dot)(ut, rt, D) + hki[t] * NAME(dot)(ut, ut, D));
+        npi[t] = np;
+        if (first && t == 0) {
+            ci[t] = 1;
+            norm = np;
+        } else {                 /* written so that a NaN norm stays NaN, as clamp does */
+            ci[t] = np <= 1 ? 1 : 1 / (T)sqrt(np);
+            norm = np >= 1 ? 1 : np;
+        }
     }
-    return 0;
+    *norm_io = norm;
+    for (long t = C - 1; t >= 0; --t) di[t] = t == C - 1 ? ci[t] : di[t + 1] * ci[t];
 }
 
-/* Backward of one chunk (see FWMWrite's docstring), with the chunk's per-position terms that
- * need no matrix product. In: Z [B,C,D] (K S_out_bar), d [B,C], s0dot [B] (<S_out_bar, S_0>;
- * NULL for the sequence's first chunk), hk, n_pre, c [B,C], first, w [B,C,C], U, r [B,C,D],
- * values V [B,C,D] or (V NULL) one-hot ids [B,C], b [B,C], n_bar [B] (in/out).
- * Out: U_bar, R_bar [B,C,D], diag (nb' |u|^2), b_bar [B,C]. scratch: 2 D + C elements.
- * Returns 0, or 1 (nothing written) if an id is outside 0..D-1.
+/* One sequence's backward steps over a chunk (see FWMWrite's docstring): the chunk's
+ * per-position terms that need no matrix product. In: Zi [C,D] (K S_out_bar), di [C], s0dot
+ * (<S_out_bar, S_0>; NULL for the sequence's first chunk), hki, npi, ci [C], first, wi [C,C],
+ * Ui, ri [C,D], values Vi [C,D] or (Vi NULL) one-hot ids idi [C], bi [C], *n_bar (in/out).
+ * Out: Ubi, Rbi [C,D] (U_bar, R_bar), diagi (nb' |u|^2), bbi [C] (b_bar).
+ * scratch: 2 D + C elements, its D..2D-1 all zero (left zero).
  * Reverse over j, with the rows rb_t (t > j) already known:
  *   low_j = [n'_j < 1], clip_j = c_j^2 / 2 [n'_j >= 1] (first write: 1 and 0),
  *   cd_j = sum_{s <= j} d_s (Z_s . U_s) (+ s0dot at s = 0),
  *   nb'_j = nb_j low_j - clip_j (cd_j + Phi_j),
  *   ub_j = d_j Z_j + nb'_j 2 (r_j + 2 hk_j u_j) + sum_{t>j} w_tj rb_t,
  *   rb_j = -b_j ub_j + 2 nb'_j u_j,   b_bar_j = ub_j . (v_j - r_j). */
-VECTOR_CLONES
-int NAME(fwm_backward)(long B, long C, long D, const T *Z, const T *d, const T *s0dot,
-                       const T *hk, const T *n_pre, const T *c, int first, const T *w,
-                       const T *U, const T *r, const T *V, const int64_t *ids, const T *b,
-                       T *n_bar, T *U_bar, T *R_bar, T *diag, T *b_bar, T *scratch) {
-    if (NAME(bad_ids)(ids, B * C, D)) return 1;
+static inline __attribute__((always_inline))
+void NAME(fwm_backward_sequence)(long C, long D, const T *Zi, const T *di, const T *s0dot,
+                                 const T *hki, const T *npi, const T *ci, int first,
+                                 const T *wi, const T *Ui, const T *ri, const T *Vi,
+                                 const int64_t *idi, const T *bi, T *n_bar, T *Ubi, T *Rbi,
+                                 T *diagi, T *bbi, T *scratch) {
     T *ub_reads = scratch, *vrow = scratch + D, *cd = scratch + 2 * D;
-    memset(vrow, 0, sizeof(T) * D);
-    for (long i = 0; i < B; ++i) {
-        const T *Zi = Z + i * C * D, *di = d + i * C, *hki = hk + i * C, *npi = n_pre + i * C;
-        const T *ci = c + i * C, *wi = w + i * C * C, *Ui = U + i * C * D, *ri = r + i * C * D;
-        const T *Vi = V ? V + i * C * D : NULL, *bi = b + i * C;
-        const int64_t *idi = ids ? ids + i * C : NULL;
-        T *Ubi = U_bar + i * C * D, *Rbi = R_bar + i * C * D;
-        T *diagi = diag + i * C, *bbi = b_bar + i * C;
-        T acc = 0;
-        for (long j = 0; j < C; ++j) {
-            T dbar = NAME(dot)(Zi + j * D, Ui + j * D, D);
-            if (j == 0 && s0dot) dbar += s0dot[i];
-            acc += dbar * di[j];
-            cd[j] = acc;
-        }
-        T nbar = n_bar[i], phi = 0;
-        for (long j = C - 1; j >= 0; --j) {
-            const int opens = first && j == 0;      /* the sequence's first write: no clip */
-            const T low = opens ? (T)1 : (T)(npi[j] < 1);
-            const T clip = opens ? (T)0 : (T)0.5 * (ci[j] * ci[j]) * (T)(npi[j] >= 1);
-            const T nb = nbar * low - clip * (cd[j] + phi);
-            const T *Uj = Ui + j * D, *rj = ri + j * D, *Zj = Zi + j * D;
-            const T *Vj = NAME(value_row)(Vi, idi, j, D, vrow);
-            T *ub = Ubi + j * D, *rb = Rbi + j * D;
-            /* sum_{t>j} w_tj rb_t */
-            NAME(weighted_rows)(C - 1 - j, D, wi + (j + 1) * C + j, C, Rbi + (j + 1) * D, ub_reads);
-            const T bj = bi[j], dj = di[j], hkj = hki[j];
-            /* One pass over the row: ub, rb and the four dots (U . ub_reads, rb . r, U . U,
-             * ub . (v - r)) as independent 4-lane sums, in dot()'s order (lane e mod 4, the
-             * tail into lane 0, then (s0 + s1) + (s2 + s3)). */
-            NAME(quad) s_ur = {0, 0, 0, 0}, s_rr = {0, 0, 0, 0}, s_uu = {0, 0, 0, 0},
-                       s_bb = {0, 0, 0, 0};
-            long e = 0;
-            for (; e + 4 <= D; e += 4) {
-                const NAME(quad) u = *(const NAME(quad) *)(Uj + e), rr = *(const NAME(quad) *)(rj + e);
-                const NAME(quad) reads = *(const NAME(quad) *)(ub_reads + e);
-                const NAME(quad) wn = 2 * (rr + 2 * u * hkj);              /* d n' / d u */
-                const NAME(quad) ube = dj * *(const NAME(quad) *)(Zj + e) + wn * nb + reads;
-                const NAME(quad) rbe = -bj * ube + 2 * nb * u;
-                *(NAME(quad) *)(ub + e) = ube;
-                *(NAME(quad) *)(rb + e) = rbe;
-                s_ur += u * reads;
-                s_rr += rbe * rr;
-                s_uu += u * u;
-                s_bb += ube * (*(const NAME(quad) *)(Vj + e) - rr);
-            }
-            T t_ur = s_ur[0], t_rr = s_rr[0], t_uu = s_uu[0], t_bb = s_bb[0];
-            for (; e < D; ++e) {
-                const T wn = 2 * (rj[e] + 2 * Uj[e] * hkj);
-                ub[e] = dj * Zj[e] + wn * nb + ub_reads[e];
-                rb[e] = -bj * ub[e] + 2 * nb * Uj[e];
-                t_ur += Uj[e] * ub_reads[e];
-                t_rr += rb[e] * rj[e];
-                t_uu += Uj[e] * Uj[e];
-                t_bb += ub[e] * (Vj[e] - rj[e]);
-            }
-            phi = phi - ((t_ur + s_ur[1]) + (s_ur[2] + s_ur[3]))
-                      + ((t_rr + s_rr[1]) + (s_rr[2] + s_rr[3]));
-            if (!Vi) vrow[idi[j]] = 0;
-            bbi[j] = (t_bb + s_bb[1]) + (s_bb[2] + s_bb[3]);
-            diagi[j] = nb * ((t_uu + s_uu[1]) + (s_uu[2] + s_uu[3]));
-            nbar = nb;
-        }
-        n_bar[i] = nbar;
+    T acc = 0;
+    for (long j = 0; j < C; ++j) {
+        T dbar = NAME(dot)(Zi + j * D, Ui + j * D, D);
+        if (j == 0 && s0dot) dbar += *s0dot;
+        acc += dbar * di[j];
+        cd[j] = acc;
     }
-    return 0;
+    T nbar = *n_bar, phi = 0;
+    for (long j = C - 1; j >= 0; --j) {
+        const int opens = first && j == 0;      /* the sequence's first write: no clip */
+        const T low = opens ? (T)1 : (T)(npi[j] < 1);
+        const T clip = opens ? (T)0 : (T)0.5 * (ci[j] * ci[j]) * (T)(npi[j] >= 1);
+        const T nb = nbar * low - clip * (cd[j] + phi);
+        const T *Uj = Ui + j * D, *rj = ri + j * D, *Zj = Zi + j * D;
+        const T *Vj = NAME(value_row)(Vi, idi, j, D, vrow);
+        T *ub = Ubi + j * D, *rb = Rbi + j * D;
+        /* sum_{t>j} w_tj rb_t */
+        NAME(weighted_rows)(C - 1 - j, D, wi + (j + 1) * C + j, C, Rbi + (j + 1) * D, ub_reads);
+        const T bj = bi[j], dj = di[j], hkj = hki[j];
+        /* One pass over the row: ub, rb and the four dots (U . ub_reads, rb . r, U . U,
+         * ub . (v - r)) as independent 4-lane sums, in dot()'s order (lane e mod 4, the
+         * tail into lane 0, then (s0 + s1) + (s2 + s3)). */
+        NAME(quad) s_ur = {0, 0, 0, 0}, s_rr = {0, 0, 0, 0}, s_uu = {0, 0, 0, 0},
+                   s_bb = {0, 0, 0, 0};
+        long e = 0;
+        for (; e + 4 <= D; e += 4) {
+            const NAME(quad) u = *(const NAME(quad) *)(Uj + e), rr = *(const NAME(quad) *)(rj + e);
+            const NAME(quad) reads = *(const NAME(quad) *)(ub_reads + e);
+            const NAME(quad) wn = 2 * (rr + 2 * u * hkj);              /* d n' / d u */
+            const NAME(quad) ube = dj * *(const NAME(quad) *)(Zj + e) + wn * nb + reads;
+            const NAME(quad) rbe = -bj * ube + 2 * nb * u;
+            *(NAME(quad) *)(ub + e) = ube;
+            *(NAME(quad) *)(rb + e) = rbe;
+            s_ur += u * reads;
+            s_rr += rbe * rr;
+            s_uu += u * u;
+            s_bb += ube * (*(const NAME(quad) *)(Vj + e) - rr);
+        }
+        T t_ur = s_ur[0], t_rr = s_rr[0], t_uu = s_uu[0], t_bb = s_bb[0];
+        for (; e < D; ++e) {
+            const T wn = 2 * (rj[e] + 2 * Uj[e] * hkj);
+            ub[e] = dj * Zj[e] + wn * nb + ub_reads[e];
+            rb[e] = -bj * ub[e] + 2 * nb * Uj[e];
+            t_ur += Uj[e] * ub_reads[e];
+            t_rr += rb[e] * rj[e];
+            t_uu += Uj[e] * Uj[e];
+            t_bb += ub[e] * (Vj[e] - rj[e]);
+        }
+        phi = phi - ((t_ur + s_ur[1]) + (s_ur[2] + s_ur[3]))
+                  + ((t_rr + s_rr[1]) + (s_rr[2] + s_rr[3]));
+        if (!Vi) vrow[idi[j]] = 0;
+        bbi[j] = (t_bb + s_bb[1]) + (s_bb[2] + s_bb[3]);
+        diagi[j] = nb * ((t_uu + s_uu[1]) + (s_uu[2] + s_uu[3]));
+        nbar = nb;
+    }
+    *n_bar = nbar;
 }

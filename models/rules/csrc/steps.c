@@ -1,8 +1,10 @@
 /* Sequential steps in C (loaded by models/rules/native.py), each in one file included once per
  * precision:
  *   fwm_steps_impl.h     the per-position steps of one chunk of the FWM write (forward and
- *                        backward; models/rules/fwm.py, FWMWrite), one sequence at a time;
- *                        the chunk's matrix products stay in PyTorch
+ *                        backward), one sequence at a time
+ *   matmul_impl.h        a small matrix product with a fixed summation order, and a transpose
+ *   fwm_chunked_impl.h   the whole chunkwise FWM write, one sequence at a time: the steps
+ *                        between the chunk's products (models/rules/fwm.py, FWMChunked)
  *   fwm_sequential_impl.h  the whole FWM write one position at a time, forward and backward
  *                        (models/rules/fwm.py, FWMSequential), for states small enough to stay
  *                        in cache
@@ -56,6 +58,8 @@
 #define NAME(x) x##_f32
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
+#include "matmul_impl.h"
+#include "fwm_chunked_impl.h"
 #include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
 #include "gather_add_impl.h"
@@ -76,6 +80,8 @@
 #define NAME(x) x##_f64
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
+#include "matmul_impl.h"
+#include "fwm_chunked_impl.h"
 #include "fwm_sequential_impl.h"
 #include "delta_answer_impl.h"
 #include "gather_add_impl.h"
