@@ -30,8 +30,8 @@ static inline __attribute__((always_inline)) void NAME(prefetch_write)(T *p, lon
 VECTOR_CLONES
 int NAME(fwm_chunked_forward)(long b0, long b1, long L, long C, long Dk, long Dv, const T *k,
                               const T *V, const int64_t *ids, const T *beta, T *S,
-                              T *states, int keep, T *hk, T *E, T *w, T *U, T *r, T *n_pre, T *c, T *g,
-                              T *d, T *scratch) {
+                              T *states, int keep, T *hk, T *E, T *w, T *U, T *r, T *n_pre,
+                              T *c, T *g, T *d, T *scratch) {
     if (NAME(bad_ids)(ids ? ids + b0 * L : NULL, (b1 - b0) * L, Dv)) return 1;
     const long nc = (L + C - 1) / C, state = Dk * Dv;
     T *G = scratch, *R0 = G + C * C, *dK = R0 + C * Dv, *Kt = dK + C * Dk, *vrow = Kt + C * Dk;
@@ -60,7 +60,8 @@ int NAME(fwm_chunked_forward)(long b0, long b1, long L, long C, long Dk, long Dv
                 const long prow = pi * L + pch * C, pC = L - pch * C < C ? L - pch * C : C;
                 NAME(prefetch_read)(k + prow * Dk, pC * Dk);
                 if (keep) {
-                    if (pch < nc - 1) NAME(prefetch_write)(states + (pi * (nc - 1) + pch) * state, state);
+                    if (pch < nc - 1)
+                        NAME(prefetch_write)(states + (pi * (nc - 1) + pch) * state, state);
                     NAME(prefetch_write)(U + prow * Dv, pC * Dv);
                     NAME(prefetch_write)(r + prow * Dv, pC * Dv);
                     NAME(prefetch_write)(E + (pi * nc + pch) * C * C, C * C);
@@ -84,8 +85,8 @@ int NAME(fwm_chunked_forward)(long b0, long b1, long L, long C, long Dk, long Dv
     return 0;
 }
 
-/* Backward of fwm_chunked_forward (states and the steps' quantities as it kept them) for the final
- * state's adjoint S_bar [B,Dk,Dv]: k_bar [B,L,Dk], b_bar [B,L] and, if v_bar is not NULL
+/* Backward of fwm_chunked_forward (states and the steps' quantities as it kept them) for the
+ * final state's adjoint S_bar [B,Dk,Dv]: k_bar [B,L,Dk], b_bar [B,L] and, if v_bar is not NULL
  * (dense values), v_bar [B,L,Dv]. Per chunk, in reverse (FWMWrite.backward's terms):
  *   Z = K S_b, the steps' backward (fwm_backward_sequence) -> U_b, R_b, diag, b_b,
  *   K_b = d (U S_b^T) + (G_b + G_b^T) K + g (R_b S_0^T),  G_b = tril(R_b U^T, -1) E + diag,
@@ -121,7 +122,8 @@ int NAME(fwm_chunked_backward)(long b0, long b1, long L, long C, long Dk, long D
             const long pi = ch > 0 ? i : i + 1, pch = ch > 0 ? ch - 1 : nc - 1;
             if (pi < b1) {
                 const long prow = pi * L + pch * C, pC = L - pch * C < C ? L - pch * C : C;
-                if (pch > 0) NAME(prefetch_read)(states + (pi * (nc - 1) + pch - 1) * state, state);
+                if (pch > 0)
+                    NAME(prefetch_read)(states + (pi * (nc - 1) + pch - 1) * state, state);
                 NAME(prefetch_read)(k + prow * Dk, pC * Dk);
                 NAME(prefetch_read)(U + prow * Dv, pC * Dv);
                 NAME(prefetch_read)(r + prow * Dv, pC * Dv);
@@ -147,7 +149,8 @@ int NAME(fwm_chunked_backward)(long b0, long b1, long L, long C, long Dk, long D
             NAME(transpose)(Cc, Dv, Ui, Tr);                                     /* U^T */
             NAME(matmul)(Cc, Cc, Dv, Rb, Dv, 1, Tr, Cc, M, Cc, 0);
             for (long t = 0; t < Cc; ++t) {
-                for (long s = 0; s < t; ++s) M[s * Cc + t] = M[t * Cc + s] = M[t * Cc + s] * Ei[t * Cc + s];
+                for (long s = 0; s < t; ++s)
+                    M[s * Cc + t] = M[t * Cc + s] = M[t * Cc + s] * Ei[t * Cc + s];
                 M[t * Cc + t] = diag[t] + diag[t];
             }
             NAME(matmul)(Cc, Dk, Cc, M, Cc, 1, K, Dk, Kb, Dk, 1);
