@@ -774,13 +774,9 @@ def test_checkpoint_interval_fits_the_budget_or_takes_sqrt(monkeypatch):
     assert fwm.checkpoint_interval(1, 10 ** 9) == 1
 
 
-def test_sequential_write_gradients_stay_at_their_scale_through_a_long_clipped_sequence(generator):
-    """Through 400 strongly clipped positions the gradients of early positions fall below 1e-40;
-    in float32 each position's error must stay at its own gradient's scale (plus 1e-12 of the
-    largest), as the chunkwise form's does. <dW, W_t>, carried back without its pass, would leave
-    errors of about 1e-7 there."""
-    if native.steps(torch.zeros(1)) is None:
-        pytest.skip("no C compiler: the native steps are not built")
+def long_clipped_write(generator):
+    """A float64 FWM write through 400 strongly clipped positions: (k, v, beta, weight) and the
+    float64 gradients of <S, weight> for (k, v, beta)."""
     B, L, D_k, D_v = 2, 400, 8, 4
     k = 3 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
     v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
@@ -788,8 +784,19 @@ def test_sequential_write_gradients_stay_at_their_scale_through_a_long_clipped_s
     weight = torch.randn(B, D_k, D_v, generator=generator, dtype=torch.float64)
     exact = [x.clone().requires_grad_() for x in (k, v, beta)]
     reference = torch.autograd.grad((fwm.fwm_chunkwise(*exact, 64) * weight).sum(), exact)
+    return k, v, beta, weight, reference
+
+
+def test_sequential_write_gradients_stay_at_their_scale_through_a_long_clipped_sequence(generator):
+    """Through 400 strongly clipped positions the gradients of early positions fall below 1e-40;
+    in float32 each position's error must stay at its own gradient's scale (plus 1e-12 of the
+    largest), as the chunkwise form's does. <dW, W_t>, carried back without its pass, would leave
+    errors of about 1e-7 there."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    k, v, beta, weight, reference = long_clipped_write(generator)
     ours = sequential_write_and_grads(k.float(), v.float(), beta.float(), weight.float())
-    assert reference[0][:, : L // 2].abs().max() < 1e-30              # the early gradients vanish
+    assert reference[0][:, :200].abs().max() < 1e-30                  # the early gradients vanish
     for got, want in zip((ours[2], ours[4], ours[3]), reference):
         error = (got.double() - want).abs()
         assert (error <= 1e-4 * want.abs() + 1e-12 * want.abs().max()).all()
@@ -907,14 +914,8 @@ def test_chunked_write_gradients_through_a_long_clipped_sequence(monkeypatch, ge
     if native.steps(torch.zeros(1)) is None:
         pytest.skip("no C compiler: the native steps are not built")
     monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
-    B, L, D_k, D_v = 2, 400, 8, 4
-    k = 3 * torch.tanh(torch.randn(B, L, D_k, generator=generator, dtype=torch.float64))
-    v = torch.randn(B, L, D_v, generator=generator, dtype=torch.float64)
-    beta = torch.rand(B, L, generator=generator, dtype=torch.float64)
-    weight = torch.randn(B, D_k, D_v, generator=generator, dtype=torch.float64)
-    exact = [x.clone().requires_grad_() for x in (k, v, beta)]
-    reference = torch.autograd.grad((fwm.fwm_chunkwise(*exact, 64) * weight).sum(), exact)
+    k, v, beta, weight, reference = long_clipped_write(generator)
     ours = chunked_write_and_grads(k.float(), v.float(), beta.float(), weight.float(), 32)
-    assert reference[0][:, : L // 2].abs().max() < 1e-30              # the early gradients vanish
+    assert reference[0][:, :200].abs().max() < 1e-30                  # the early gradients vanish
     for got, want in zip((ours[2], ours[4], ours[3]), reference):
         assert (got.double() - want).abs().max() <= 4e-6 * want.abs().max()
