@@ -693,20 +693,25 @@ def test_native_pointwise_maps_split_over_threads_change_no_float(monkeypatch, g
     assert all(torch.equal(a, b) for a, b in zip(one, split))
 
 
-def sequential_write_and_grads(k, values, beta, weight, d_value=None):
-    """fwm_write's sequential form (FWMSequential): the state, its evaluation-mode twin and the
-    gradients of <S, weight> for k, beta and (dense values) v."""
+def write_and_grads(form, k, values, beta, weight, chunk, d_value=None):
+    """fwm_write taking the native form named `form` (its autograd node's name): the state, its
+    evaluation-mode twin and the gradients of <S, weight> for k, beta and (dense values) v."""
     k = k.clone().requires_grad_()
     beta = beta.clone().requires_grad_()
     dense = d_value is None
     values = values.clone().requires_grad_() if dense else values
     kwargs = dict(v=values) if dense else dict(v=None, ids=values, d_value=d_value)
-    S = fwm_write(k, beta=beta, **kwargs)
-    assert S.grad_fn is not None and "FWMSequential" in type(S.grad_fn).__name__
+    S = fwm_write(k, beta=beta, chunk_size=chunk, **kwargs)
+    assert S.grad_fn is not None and form in type(S.grad_fn).__name__
     (S * weight).sum().backward()
     with torch.no_grad():
-        S_eval = fwm_write(k, beta=beta, **kwargs)
+        S_eval = fwm_write(k, beta=beta, chunk_size=chunk, **kwargs)
     return S.detach(), S_eval, k.grad, beta.grad, values.grad if dense else None
+
+
+def sequential_write_and_grads(k, values, beta, weight, d_value=None):
+    """``write_and_grads`` of the sequential form (FWMSequential)."""
+    return write_and_grads("FWMSequential", k, values, beta, weight, 32, d_value)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
@@ -827,19 +832,8 @@ def test_sequential_write_odd_widths_and_intervals(D_k, D_v, generator):
 
 
 def chunked_write_and_grads(k, values, beta, weight, chunk, d_value=None):
-    """fwm_write's chunked C form (FWMChunked): the state, its evaluation-mode twin and the
-    gradients of <S, weight> for k, beta and (dense values) v."""
-    k = k.clone().requires_grad_()
-    beta = beta.clone().requires_grad_()
-    dense = d_value is None
-    values = values.clone().requires_grad_() if dense else values
-    kwargs = dict(v=values) if dense else dict(v=None, ids=values, d_value=d_value)
-    S = fwm_write(k, beta=beta, chunk_size=chunk, **kwargs)
-    assert S.grad_fn is not None and "FWMChunked" in type(S.grad_fn).__name__
-    (S * weight).sum().backward()
-    with torch.no_grad():
-        S_eval = fwm_write(k, beta=beta, chunk_size=chunk, **kwargs)
-    return S.detach(), S_eval, k.grad, beta.grad, values.grad if dense else None
+    """``write_and_grads`` of the chunked C form (FWMChunked)."""
+    return write_and_grads("FWMChunked", k, values, beta, weight, chunk, d_value)
 
 
 # Widths around the small product's tiles (4 rows, 2 vectors of 8 floats / 4 doubles, a
