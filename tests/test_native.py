@@ -693,6 +693,68 @@ def test_native_pointwise_maps_split_over_threads_change_no_float(monkeypatch, g
     assert all(torch.equal(a, b) for a, b in zip(one, split))
 
 
+@pytest.mark.parametrize("shape", [(32, 40, 128), (3, 1, 5), (7, 2), (4, 3, 1)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 4e-7), (torch.float64, 1e-15)])
+def test_native_sum_normalise_equals_float64(shape, dtype, tol, generator):
+    """x / (sum x + eps) in one C pass each way (csrc/sum_normalise_impl.h) against the plain
+    PyTorch form in float64, value and gradient, relative to the largest of each, for keys'
+    eps = 0 and queries' 1e-6 (widths not a multiple of four, and width 1, where y = x / (x +
+    eps) cancels in its gradient: there within twice the plain form's error in this dtype)."""
+    from models.normalisation import sum_normalise, sum_normalise_reference
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+
+    def value_and_grad(form, x, weight):
+        x = x.clone().requires_grad_()
+        y = form(x, eps)
+        (y * weight).sum().backward()
+        return y.detach().double(), x.grad.double(), y.grad_fn
+
+    for eps in (0.0, 1e-6):
+        x = torch.rand(shape, generator=generator, dtype=torch.float64)
+        weight = torch.randn(shape, generator=generator, dtype=torch.float64)
+        x_in, weight_in = x.to(dtype), weight.to(dtype)
+        exact, exact_grad, _ = value_and_grad(sum_normalise_reference, x_in.double(), weight)
+        y, grad, node = value_and_grad(sum_normalise, x_in, weight_in)
+        plain_y, plain_grad, _ = value_and_grad(sum_normalise_reference, x_in, weight_in)
+        assert type(node).__name__ == "SumNormaliseBackward"
+        # relative to the value's largest entry and to the gradient's scale |weight| / sum x
+        # (width 1, eps = 0: the gradient is 0, the reference's a few ulps of that scale)
+        grad_scale = (weight / (x.sum(-1, keepdim=True) + eps)).abs().max()
+        value_error = lambda a: ((a - exact).abs().max() / exact.abs().max()).item()
+        grad_error = lambda a: ((a - exact_grad).abs().max() / grad_scale).item()
+        assert value_error(y) <= max(tol, 2 * value_error(plain_y))
+        assert grad_error(grad) <= max(4 * tol, 2 * grad_error(plain_grad))
+
+
+def test_native_sum_normalise_gradgradcheck_nan_threads_and_fallback(native_steps, monkeypatch,
+                                                                     generator):
+    """The native sum normalisation: differentiable twice, a NaN stays in its row, the rows
+    split over threads give the same floats, and without the library (or under a functorch
+    transform, or for a dtype C does not take) the PyTorch form runs."""
+    from models.normalisation import sum_normalise
+    x = torch.rand(2, 5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    normalised = lambda x: sum_normalise(x, 0.1)
+    assert torch.autograd.gradcheck(normalised, (x,))
+    assert torch.autograd.gradgradcheck(normalised, (x,))
+    poisoned = torch.tensor([[0.5, float("nan"), 0.5], [0.25, 0.5, 0.25]], requires_grad=True)
+    y = sum_normalise(poisoned)
+    y.sum().backward()
+    assert torch.isnan(y[0]).all() and torch.equal(y[1], torch.tensor([0.25, 0.5, 0.25]))
+    assert torch.isfinite(poisoned.grad[1]).all()
+    x0 = torch.rand(9, 40, 128, generator=generator)
+    one, split = maps_on_one_and_three_threads(monkeypatch, [sum_normalise], x0)
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+    assert type(sum_normalise(x0.half().requires_grad_()).grad_fn).__name__ == "DivBackward0"
+    assert type(torch.func.vmap(sum_normalise)(x0).grad_fn).__name__ != "SumNormaliseBackward"
+    monkeypatch.setenv("FWR_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert type(sum_normalise(x0.requires_grad_()).grad_fn).__name__ == "DivBackward0"
+    finally:
+        native._library.cache_clear()
+
+
 def write_and_grads(form, k, values, beta, weight, chunk, d_value=None):
     """fwm_write taking the native form named `form` (its autograd node's name): the state, its
     evaluation-mode twin and the gradients of <S, weight> for k, beta and (dense values) v."""

@@ -18,6 +18,8 @@ a few thousand flops:
 - DPFP-nu's features are a cat, a neg, a relu, nu rolls, nu products and a cat in PyTorch, each
   a pass over [B, L, 2 D_k] or wider (and about twice as many back);
   ``csrc/dpfp_features_impl.h`` makes one pass each way;
+- the sum normalisation x / (sum x + eps) of the delta rule's features is three passes in
+  PyTorch and about six back; ``csrc/sum_normalise_impl.h`` makes one each way;
 - FAVOR+'s kernel turns the projections [B, Q, L, m] into exp(+-s - c), their sum and their
   difference, which PyTorch makes as eight passes; ``csrc/favor_kernel_impl.h`` makes one,
   with a float32 exp that vectorises (``csrc/expf_impl.h``);
@@ -59,11 +61,13 @@ SOURCES = [CSRC / "steps.c"]
 HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "matmul_impl.h",
            CSRC / "fwm_chunked_impl.h", CSRC / "fwm_sequential_impl.h",
            CSRC / "delta_answer_impl.h", CSRC / "dpfp_kernel_impl.h",
-           CSRC / "dpfp_features_impl.h", CSRC / "gather_add_impl.h",
+           CSRC / "dpfp_features_impl.h", CSRC / "sum_normalise_impl.h",
+           CSRC / "gather_add_impl.h",
            CSRC / "expf_impl.h", CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
 FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
              "dpfp_kernel_forward", "dpfp_kernel_backward", "dpfp_features_forward",
-             "dpfp_features_backward", "favor_kernel_forward",
+             "dpfp_features_backward", "sum_normalise_forward", "sum_normalise_backward",
+             "favor_kernel_forward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
                      "favor_projected_forward", "favor_projected_backward",
@@ -186,7 +190,8 @@ def steps(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 def kernel_name() -> str:
     """'native' if the compiled steps (FWM write, delta-rule answers, DPFP and FAVOR+ kernels,
-    ELU + 1 and tanh features, projection lookups) run on this machine, else 'torch'."""
+    ELU + 1 and tanh features, sum normalisation, projection lookups) run on this machine,
+    else 'torch'."""
     return "native" if _library() is not None else "torch"
 
 
@@ -492,6 +497,42 @@ def dpfp_features_backward(library, x, g, nu: int):
 
     if rows:
         _over_batch(rows, rows * 2 * D * nu * 8, run)
+    return dx
+
+
+def sum_normalise_forward(library, x, eps: float):
+    """x / (sum_i x_i + eps) over the last dimension (csrc/sum_normalise_impl.h): x [..., D]
+    contiguous -> (y [..., D], s [...] the sums + eps, for the backward)."""
+    D = x.shape[-1]
+    y, s = torch.empty_like(x), x.new_empty(x.shape[:-1])
+    rows = s.numel()
+    real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
+    function = getattr(library, f"sum_normalise_forward_{SUFFIX[x.dtype]}")
+
+    def run(r0: int, r1: int) -> None:
+        function(ctypes.c_long(r1 - r0), ctypes.c_long(D), real(eps),
+                 *_pointers(x.dtype, x.view(-1, D)[r0:r1], y.view(-1, D)[r0:r1],
+                            s.view(-1)[r0:r1]))
+
+    if rows and D:
+        _over_batch(rows, rows * D * 2, run)
+    return y, s
+
+
+def sum_normalise_backward(library, y, s, g):
+    """dLoss/dx [..., D] of ``sum_normalise_forward`` from its y and s, for dLoss/dy = g."""
+    D = y.shape[-1]
+    rows = s.numel()
+    dx = torch.empty_like(y)
+    function = getattr(library, f"sum_normalise_backward_{SUFFIX[y.dtype]}")
+
+    def run(r0: int, r1: int) -> None:
+        function(ctypes.c_long(r1 - r0), ctypes.c_long(D),
+                 *_pointers(y.dtype, y.view(-1, D)[r0:r1], s.view(-1)[r0:r1],
+                            g.view(-1, D)[r0:r1], dx.view(-1, D)[r0:r1]))
+
+    if rows and D:
+        _over_batch(rows, rows * D * 4, run)
     return dx
 
 

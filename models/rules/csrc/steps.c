@@ -22,6 +22,8 @@
  *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
  *                        per (query, key) pair (models/feature_maps.py, FAVORKernel); float32
  *                        with expf_impl.h's exp, float64 with libm's
+ *   sum_normalise_impl.h x / (sum x + eps) over rows and its backward, one pass each
+ *                        (models/normalisation.py, SumNormalise)
  *   pointwise_impl.h     elu(x) + 1 and tanh and their backwards, one pass each
  *                        (models/feature_maps.py, Pointwise); the same maps of keys given as
  *                        row lookups, and the scores' backward to the tables (PointwiseKernel)
@@ -65,6 +67,7 @@
 #include "gather_add_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "dpfp_features_impl.h"
+#include "sum_normalise_impl.h"
 #define EXP(x) fixed_expf(x)
 #define EXP_NONPOSITIVE(x) fixed_expf_nonpositive(x)
 #include "favor_kernel_impl.h"
@@ -87,6 +90,7 @@
 #include "gather_add_impl.h"
 #include "dpfp_kernel_impl.h"
 #include "dpfp_features_impl.h"
+#include "sum_normalise_impl.h"
 #define EXP(x) exp(x)
 #define EXP_NONPOSITIVE(x) exp(x)
 #include "favor_kernel_impl.h"
