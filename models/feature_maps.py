@@ -40,7 +40,9 @@ from torch import Tensor, nn
 from models.memory import pair_scores
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
 from models.projection import ProjectedKeys, lookup_sum
+from models.normalisation import sum_normalise
 from models.rules.native import (dpfp_features_backward, dpfp_features_forward,
+                                 dpfp_normalised_backward, dpfp_normalised_forward,
                                  dpfp_kernel_backward, dpfp_kernel_forward,
                                  dpfp_projected_kernel_backward, dpfp_projected_kernel_forward,
                                  favor_kernel_forward, favor_projected_backward,
@@ -259,6 +261,14 @@ class DPFP(FeatureMap):
         r = F.relu(torch.cat([x, -x], dim=-1))                            # [..., 2 D_k]
         return torch.cat([r * r.roll(j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
 
+    def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
+        """phi(x) / (sum_i phi(x)_i + eps): in one C pass each way where the compiled steps run
+        (``DPFPNormalised``: the floats of ``sum_normalise(phi(x), eps)``), else that."""
+        library = steps(x)
+        if library is None or not x.numel():
+            return sum_normalise(self(x), eps)
+        return DPFPNormalised.apply(x, self.nu, float(eps), library)
+
     @property
     def kernel_width(self) -> int:
         return 2 * self.d_key * (self.nu + 1)
@@ -326,6 +336,32 @@ class DPFPFeatures(torch.autograd.Function):
             return dx, None, None
         dx = dpfp_features_backward(ctx.library, x.contiguous(), grad.contiguous(), ctx.nu)
         return dx, None, None
+
+
+class DPFPNormalised(torch.autograd.Function):
+    """DPFP-nu's features sum-normalised, x [..., D_k] -> [..., 2 D_k nu], in one C pass each
+    way (csrc/dpfp_features_impl.h): the floats of ``DPFPFeatures`` followed by
+    ``SumNormalise``, without writing the features and reading them back between the two (the
+    delta rule's keys at S = 200: 6.5 MB each way). Under create_graph the backward
+    differentiates the PyTorch forms instead, so second derivatives flow."""
+
+    @staticmethod
+    def forward(ctx, x, nu, eps, library):
+        y, s = dpfp_normalised_forward(library, x.contiguous(), nu, eps)
+        ctx.save_for_backward(x, y, s)
+        ctx.nu, ctx.eps, ctx.library = nu, eps, library
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, s = ctx.saved_tensors
+        if torch.is_grad_enabled():                                   # create_graph=True
+            phi = DPFP(x.shape[-1], ctx.nu).reference(x)
+            y = phi / (phi.sum(dim=-1, keepdim=True) + ctx.eps)
+            (dx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+            return dx, None, None, None
+        dx = dpfp_normalised_backward(ctx.library, x.contiguous(), y, s, grad.contiguous(), ctx.nu)
+        return dx, None, None, None
 
 
 class DPFPKernel(torch.autograd.Function):

@@ -297,6 +297,48 @@ def test_native_dpfp_features_pass_gradgradcheck_and_split_over_threads(monkeypa
     assert all(torch.equal(a, b) for a, b in zip(one, split))
 
 
+@pytest.mark.parametrize("nu,D", [(1, 64), (2, 64), (3, 5), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_dpfp_sum_normalised_gives_the_floats_of_its_two_steps(nu, D, dtype, generator):
+    """DPFP's features sum-normalised in one C pass each way (``DPFPNormalised``): value and
+    gradient the floats of DPFPFeatures followed by SumNormalise, for keys' eps = 0 and
+    queries' 1e-6, with a NaN kept in its row."""
+    from models.feature_maps import DPFP
+    from models.normalisation import sum_normalise
+    if native.steps(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    phi = DPFP(D, nu)
+    x0 = torch.randn(3, 11, D, generator=generator, dtype=dtype)
+    x0[2, 4, D - 1] = float("nan")
+    weight = torch.randn(3, 11, 2 * D * nu, generator=generator, dtype=dtype)
+    for eps in (0.0, 1e-6):
+        results = []
+        for form in (phi.sum_normalised, lambda x, eps: sum_normalise(phi(x), eps)):
+            x = x0.clone().requires_grad_()
+            y = form(x, eps)
+            (y * weight).nan_to_num().sum().backward()
+            results.append((y, x.grad))
+        (y, dx), (y_two, dx_two) = results
+        assert type(y.grad_fn).__name__ == "DPFPNormalisedBackward"
+        for ours, theirs in ((y.detach(), y_two.detach()), (dx, dx_two)):
+            assert torch.equal(ours.isnan(), theirs.isnan())
+            assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+        assert y[2, 4].isnan().all() and not y[:2].isnan().any()
+
+
+def test_native_dpfp_sum_normalised_gradgradcheck_and_threads(monkeypatch, generator):
+    from models.feature_maps import DPFP
+    if native.steps(torch.zeros(1, dtype=torch.float64)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    x = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    normalised = lambda x: DPFP(4, 2).sum_normalised(x, 0.1)
+    assert torch.autograd.gradcheck(normalised, (x,))
+    assert torch.autograd.gradgradcheck(normalised, (x,))
+    one, split = maps_on_one_and_three_threads(monkeypatch, [DPFP(6, 3).sum_normalised],
+                                               torch.randn(7, 13, 6, generator=generator))
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+
+
 def on_one_and_three_threads(monkeypatch, run) -> tuple[list, list]:
     """run()'s tensors on one thread and with the compiled steps' rows split over three (no work
     threshold): two lists of tensors."""

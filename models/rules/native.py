@@ -66,7 +66,8 @@ HEADERS = [CSRC / "dot_impl.h", CSRC / "fwm_steps_impl.h", CSRC / "matmul_impl.h
            CSRC / "expf_impl.h", CSRC / "favor_kernel_impl.h", CSRC / "pointwise_impl.h"]
 FUNCTIONS = ["delta_answer_forward", "delta_answer_backward",
              "dpfp_kernel_forward", "dpfp_kernel_backward", "dpfp_features_forward",
-             "dpfp_features_backward", "sum_normalise_forward", "sum_normalise_backward",
+             "dpfp_features_backward", "dpfp_normalised_forward", "dpfp_normalised_backward",
+             "sum_normalise_forward", "sum_normalise_backward",
              "favor_kernel_forward",
              "elu_plus_one_forward", "elu_plus_one_backward", "tanh_forward", "tanh_backward"]
 CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 on a bad id
@@ -507,6 +508,45 @@ def dpfp_features_backward(library, x, g, nu: int):
 
     if rows:
         _over_batch(rows, rows * 2 * D * nu * 8, run)
+    return dx
+
+
+def dpfp_normalised_forward(library, x, nu: int, eps: float):
+    """DPFP-nu's features sum-normalised, phi(x) / (sum_i phi(x)_i + eps), in one pass
+    (csrc/dpfp_features_impl.h): x [..., D] contiguous -> (y [..., 2 D nu], s [...] the sums
+    + eps, for the backward); the floats of ``dpfp_features_forward`` then
+    ``sum_normalise_forward``."""
+    D = x.shape[-1]
+    rows = x.numel() // D if D else 0
+    y, s = x.new_empty(*x.shape[:-1], 2 * D * nu), x.new_empty(x.shape[:-1])
+    real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
+    function = getattr(library, f"dpfp_normalised_forward_{SUFFIX[x.dtype]}")
+
+    def run(r0: int, r1: int) -> None:
+        scratch = x.new_empty(2 * D)                  # named: held until C returns
+        function(ctypes.c_long(r1 - r0), ctypes.c_long(D), ctypes.c_long(nu), real(eps),
+                 *_row_pointers(x.dtype, rows, r0, x, y, s), *_pointers(x.dtype, scratch))
+
+    if rows:
+        _over_batch(rows, rows * 2 * D * nu * 6, run)
+    return y, s
+
+
+def dpfp_normalised_backward(library, x, y, s, g, nu: int):
+    """dLoss/dx [..., D] of ``dpfp_normalised_forward`` from x, its y and s, for dLoss/dy = g:
+    the floats of ``sum_normalise_backward`` then ``dpfp_features_backward``."""
+    D = x.shape[-1]
+    rows = x.numel() // D if D else 0
+    dx = torch.empty_like(x)
+    function = getattr(library, f"dpfp_normalised_backward_{SUFFIX[x.dtype]}")
+
+    def run(r0: int, r1: int) -> None:
+        scratch = x.new_empty((4 + 2 * nu) * D)        # named: held until C returns
+        function(ctypes.c_long(r1 - r0), ctypes.c_long(D), ctypes.c_long(nu),
+                 *_row_pointers(x.dtype, rows, r0, x, y, s, g, dx), *_pointers(x.dtype, scratch))
+
+    if rows:
+        _over_batch(rows, rows * 2 * D * nu * 12, run)
     return dx
 
 

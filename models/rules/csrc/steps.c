@@ -15,7 +15,8 @@
  *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair; also
  *                        for keys given as the projection's row lookups (DPFPProjectedKernel)
  *   dpfp_features_impl.h DPFP-nu's features and their backward, one pass each way
- *                        (models/feature_maps.py, DPFPFeatures)
+ *                        (models/feature_maps.py, DPFPFeatures), and the same sum-normalised
+ *                        (DPFPNormalised)
  *   gather_add_impl.h    the retrieval model's input projection as two row lookups and a sum
  *                        (models/projection.py, ProjectLookup), forward and backward; its row
  *                        helpers serve the kernels that read keys in that form
@@ -66,8 +67,8 @@
 #include "delta_answer_impl.h"
 #include "gather_add_impl.h"
 #include "dpfp_kernel_impl.h"
-#include "dpfp_features_impl.h"
 #include "sum_normalise_impl.h"
+#include "dpfp_features_impl.h"
 #define EXP(x) fixed_expf(x)
 #define EXP_NONPOSITIVE(x) fixed_expf_nonpositive(x)
 #include "favor_kernel_impl.h"
@@ -89,8 +90,8 @@
 #include "delta_answer_impl.h"
 #include "gather_add_impl.h"
 #include "dpfp_kernel_impl.h"
-#include "dpfp_features_impl.h"
 #include "sum_normalise_impl.h"
+#include "dpfp_features_impl.h"
 #define EXP(x) exp(x)
 #define EXP_NONPOSITIVE(x) exp(x)
 #include "favor_kernel_impl.h"
