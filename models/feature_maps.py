@@ -10,7 +10,8 @@ interference. Every map declares:
     random       True if it holds random features, redrawn by ``redraw(generator)``
 
 Optionally a map defines ``sum_normalised(x, eps=0.0)`` = phi(x) / (sum_i phi(x)_i + eps),
-computed without forming phi(x) where that would overflow (FAVOR+ does it as a softmax).
+computed its own way: without forming phi(x) where that would overflow (FAVOR+, as a softmax),
+or with the features in one pass (DPFP).
 
 Registered maps: identity, linear (ELU+1, Katharopoulos et al. 2020), tanh, dpfp
 (Schlag et al. 2021), favor (FAVOR+, Choromanski et al. 2021, arXiv 2009.14794),

@@ -190,8 +190,9 @@ class FastWeightMemory(nn.Module):
 
     def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
         """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes
-        phi(x) / sum(phi(x)) stably (FAVOR+: a softmax over [Omega x; -Omega x], where every
-        per-vector constant cancels and nothing can overflow)."""
+        phi(x) / sum(phi(x)) its own way: stably (FAVOR+: a softmax over [Omega x; -Omega x],
+        where every per-vector constant cancels and nothing can overflow) or in one pass with
+        the features (DPFP, the floats of the two steps)."""
         if kind == "sum" and hasattr(self.phi, "sum_normalised"):
             return self.phi.sum_normalised(x, eps)
         return normalise(self.phi(x), kind, eps)

@@ -18,10 +18,11 @@ def generator():
 @pytest.fixture(params=["native", "native-chunkwise", "torch"])
 def native_steps(request, monkeypatch):
     """Run the FWM write (sequential at tiny states; "native-chunkwise": the chunked C write
-    always), the delta rule's answer, DPFP's and FAVOR+'s kernels, the ELU + 1 and tanh maps
-    and the projection lookups (single and stacked models) compiled (skipped without a C
-    compiler) or in PyTorch."""
+    always), the delta rule's answer, DPFP's and FAVOR+'s kernels, the ELU + 1 and tanh maps,
+    the sum normalisation and the projection lookups (single and stacked models) compiled
+    (skipped without a C compiler) or in PyTorch."""
     import models.feature_maps as feature_maps
+    import models.normalisation as normalisation
     import models.projection as projection
     import models.rules.delta as delta
     import models.rules.fwm as fwm
@@ -32,6 +33,6 @@ def native_steps(request, monkeypatch):
     if request.param == "native-chunkwise":
         monkeypatch.setattr(fwm, "SEQUENTIAL_STATE_BYTES", -1)
     if request.param == "torch":
-        for module in (fwm, delta, feature_maps, projection):
+        for module in (fwm, delta, feature_maps, normalisation, projection):
             monkeypatch.setattr(module, "steps", lambda *tensors: None)
     return request.param

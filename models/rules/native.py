@@ -517,8 +517,8 @@ def dpfp_normalised_forward(library, x, nu: int, eps: float):
     + eps, for the backward); the floats of ``dpfp_features_forward`` then
     ``sum_normalise_forward``."""
     D = x.shape[-1]
-    rows = x.numel() // D if D else 0
     y, s = x.new_empty(*x.shape[:-1], 2 * D * nu), x.new_empty(x.shape[:-1])
+    rows = s.numel()
     real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
     function = getattr(library, f"dpfp_normalised_forward_{SUFFIX[x.dtype]}")
 
@@ -527,8 +527,10 @@ def dpfp_normalised_forward(library, x, nu: int, eps: float):
         function(ctypes.c_long(r1 - r0), ctypes.c_long(D), ctypes.c_long(nu), real(eps),
                  *_row_pointers(x.dtype, rows, r0, x, y, s), *_pointers(x.dtype, scratch))
 
-    if rows:
+    if rows and D:
         _over_batch(rows, rows * 2 * D * nu * 6, run)
+    elif rows:
+        s.fill_(eps)                                  # the empty rows' sums
     return y, s
 
 
@@ -565,6 +567,8 @@ def sum_normalise_forward(library, x, eps: float):
 
     if rows and D:
         _over_batch(rows, rows * D * 2, run)
+    elif rows:
+        s.fill_(eps)                                  # the empty rows' sums
     return y, s
 
 

@@ -39,13 +39,12 @@ void NAME(dpfp_features_forward)(long rows, long D, long nu, const T *x, T *y, T
     }
 }
 
-/* Backward from g = dLoss/dphi [rows, nu W]: dr_i = sum_j (a_j + b_j) with a_j = g_j[i] r_{i-j}
- * and b_j = g_j[i+j] r_{i+j} (indices mod W), summed in the order PyTorch's autograd gives the
- * reference's graph: (a_nu + b_nu) + a_{nu-1} + b_{nu-1} + ... + a_1 + b_1, one at a time, so
- * the same floats; then dx_i = dr_i [r_i > 0] - dr_{i+D} [r_{i+D} > 0] (written as not r <= 0,
- * so that a NaN passes, as in torch's relu backward). dx [rows, D].
- * scratch: 2 W elements. */
-/* One row of the backward: dr from g [nu W] and r (scratch dr: W), then dx [D]. */
+/* One row of the backward from g = dLoss/dphi [nu W] and r: dr_i = sum_j (a_j + b_j) with
+ * a_j = g_j[i] r_{i-j} and b_j = g_j[i+j] r_{i+j} (indices mod W), summed in the order PyTorch's
+ * autograd gives the reference's graph: (a_nu + b_nu) + a_{nu-1} + b_{nu-1} + ... + a_1 + b_1,
+ * one at a time, so the same floats; then dx_i = dr_i [r_i > 0] - dr_{i+D} [r_{i+D} > 0]
+ * (written as not r <= 0, so that a NaN passes, as in torch's relu backward). dr: W of
+ * scratch; dx [D]. */
 static inline __attribute__((always_inline))
 void NAME(dpfp_row_backward)(long D, long nu, const T *r, const T *g, T *dr, T *dx) {
     const long W = 2 * D;
@@ -71,6 +70,7 @@ void NAME(dpfp_row_backward)(long D, long nu, const T *r, const T *g, T *dr, T *
     }
 }
 
+/* Backward from g = dLoss/dphi [rows, nu W]: dx [rows, D]. scratch: 2 W elements. */
 VECTOR_CLONES
 void NAME(dpfp_features_backward)(long rows, long D, long nu, const T *x, const T *g, T *dx,
                                   T *scratch) {
