@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.memory import pair_scores
+from models.normalisation import sum_normalise
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
 from models.projection import ProjectedKeys, lookup_sum
-from models.normalisation import sum_normalise
 from models.rules.native import (dpfp_features_backward, dpfp_features_forward,
                                  dpfp_normalised_backward, dpfp_normalised_forward,
                                  dpfp_kernel_backward, dpfp_kernel_forward,

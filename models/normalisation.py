@@ -22,8 +22,8 @@ def sum_normalise_reference(x: Tensor, eps: float = 0.0) -> Tensor:
 class SumNormalise(torch.autograd.Function):
     """``sum_normalise_reference`` in one C pass each way (csrc/sum_normalise_impl.h), with
     dx = (g - g . y) / s from the output y and the sums s: PyTorch's graph for the reference is
-    three passes forward and about six back (the delta rule's DPFP-1 keys at S = 20 are
-    [32, 40, 128]). The row sums are in a fixed four-lane order, not PyTorch's, so the floats
+    three passes forward and about six back, each over [B, L, d_dot] (DPFP's features take
+    ``DPFPNormalised``, the two steps in one pass). The row sums are in a fixed four-lane order, not PyTorch's, so the floats
     differ from the reference's in the last place. The backward is differentiable (in PyTorch
     ops) when a graph of it is asked for."""
 

@@ -14,6 +14,8 @@
  *   dpfp_kernel_impl.h   DPFP-nu's kernel phi(q) . phi(k) and its backward without the
  *                        features (models/feature_maps.py, DPFPKernel), O(D nu) per pair; also
  *                        for keys given as the projection's row lookups (DPFPProjectedKernel)
+ *   sum_normalise_impl.h x / (sum x + eps) over rows and its backward, one pass each
+ *                        (models/normalisation.py, SumNormalise)
  *   dpfp_features_impl.h DPFP-nu's features and their backward, one pass each way
  *                        (models/feature_maps.py, DPFPFeatures), and the same sum-normalised
  *                        (DPFPNormalised)
@@ -23,8 +25,6 @@
  *   favor_kernel_impl.h  FAVOR+'s kernel terms exp(+-s - c) from the projections s, one pass
  *                        per (query, key) pair (models/feature_maps.py, FAVORKernel); float32
  *                        with expf_impl.h's exp, float64 with libm's
- *   sum_normalise_impl.h x / (sum x + eps) over rows and its backward, one pass each
- *                        (models/normalisation.py, SumNormalise)
  *   pointwise_impl.h     elu(x) + 1 and tanh and their backwards, one pass each
  *                        (models/feature_maps.py, Pointwise); the same maps of keys given as
  *                        row lookups, and the scores' backward to the tables (PointwiseKernel)

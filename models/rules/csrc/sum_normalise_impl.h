@@ -2,8 +2,8 @@
  * backward (models/normalisation.py, SumNormalise): included by steps.c with T and NAME(x)
  * defined, after dot_impl.h. PyTorch makes the forward a sum, an add and a division, and the
  * backward about six passes over [rows, D] (the division's two gradients, the sum's expand,
- * their accumulation); here one pass each way, the row in cache. The row sum is NAME(dot)'s
- * fixed order (against a row of ones: the same floats as a plain four-lane sum). */
+ * their accumulation); here one pass each way, the row in cache. The row sum takes NAME(dot)'s
+ * fixed four-lane order (row_sum). */
 
 /* Four-lane sum of x[0..n) in NAME(dot)'s order. */
 static inline __attribute__((always_inline)) T NAME(row_sum)(const T *x, long n) {
