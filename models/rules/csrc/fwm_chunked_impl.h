@@ -69,17 +69,15 @@ int NAME(fwm_chunked_forward)(long b0, long b1, long L, long C, long Dk, long Dv
                 }
             }
             NAME(transpose)(Cc, Dk, K, Kt);                 /* G = K K^T, exactly symmetric */
-            NAME(matmul)(Cc, Cc, Dk, K, Dk, 1, Kt, Cc, G, Cc, 0);
-            if (S0) NAME(matmul)(Cc, Dv, Dk, K, Dk, 1, S0, Dv, R0, Dv, 0);      /* K S_0 */
+            NAME(matmul)(Cc, Cc, Dk, K, Dk, 1, Kt, Cc, G, Cc, NULL, 0);
+            if (S0) NAME(matmul)(Cc, Dv, Dk, K, Dk, 1, S0, Dv, R0, Dv, NULL, 0);  /* K S_0 */
             NAME(fwm_forward_sequence)(Cc, Dv, G, S0 ? R0 : NULL, V ? V + row * Dv : NULL,
                                        ids ? ids + row : NULL, beta + row, &norm, ch == 0,
                                        hki, Ei, wi, Ui, ri, npi, ci, gi, di, vrow);
             /* S_C = d_0 S_0 + (d K)^T U, d scaling K's rows rather than U's */
             for (long t = 0; t < Cc; ++t)
                 for (long j = 0; j < Dk; ++j) dK[t * Dk + j] = di[t] * K[t * Dk + j];
-            if (S0)
-                for (long x = 0; x < state; ++x) S1[x] = di[0] * S0[x];
-            NAME(matmul)(Dk, Dv, Cc, dK, 1, Dk, Ui, Dv, S1, Dv, S0 != NULL);
+            NAME(matmul)(Dk, Dv, Cc, dK, 1, Dk, Ui, Dv, S1, Dv, S0, di[0]);
         }
     }
     return 0;
@@ -130,7 +128,7 @@ int NAME(fwm_chunked_backward)(long b0, long b1, long L, long C, long Dk, long D
                 NAME(prefetch_read)(w + (pi * nc + pch) * C * C, C * C);
                 NAME(prefetch_read)(E + (pi * nc + pch) * C * C, C * C);
             }
-            NAME(matmul)(Cc, Dv, Dk, K, Dk, 1, Sb, Dv, Z, Dv, 0);                 /* K S_b */
+            NAME(matmul)(Cc, Dv, Dk, K, Dk, 1, Sb, Dv, Z, Dv, NULL, 0);           /* K S_b */
             T s0dot = S0 ? NAME(dot)(Sb, S0, state) : 0;
             NAME(fwm_backward_sequence)(Cc, Dv, Z, di, S0 ? &s0dot : NULL, hk + row,
                                         n_pre + row, c + row, ch == 0,
@@ -142,28 +140,27 @@ int NAME(fwm_chunked_backward)(long b0, long b1, long L, long C, long Dk, long D
                     for (long e = 0; e < Dv; ++e)
                         v_bar[(row + t) * Dv + e] = beta[row + t] * Ub[t * Dv + e];
             NAME(transpose)(Dk, Dv, Sb, Tr);                                     /* S_b^T */
-            NAME(matmul)(Cc, Dk, Dv, Ui, Dv, 1, Tr, Dk, Kb, Dk, 0);
+            NAME(matmul)(Cc, Dk, Dv, Ui, Dv, 1, Tr, Dk, Kb, Dk, NULL, 0);
             for (long t = 0; t < Cc; ++t)
                 for (long j = 0; j < Dk; ++j) Kb[t * Dk + j] = di[t] * Kb[t * Dk + j];
             /* G_b + G_b^T: tril(R_b U^T, -1) E off the diagonal, 2 diag on it */
             NAME(transpose)(Cc, Dv, Ui, Tr);                                     /* U^T */
-            NAME(matmul)(Cc, Cc, Dv, Rb, Dv, 1, Tr, Cc, M, Cc, 0);
+            NAME(matmul)(Cc, Cc, Dv, Rb, Dv, 1, Tr, Cc, M, Cc, NULL, 0);
             for (long t = 0; t < Cc; ++t) {
                 for (long s = 0; s < t; ++s)
                     M[s * Cc + t] = M[t * Cc + s] = M[t * Cc + s] * Ei[t * Cc + s];
                 M[t * Cc + t] = diag[t] + diag[t];
             }
-            NAME(matmul)(Cc, Dk, Cc, M, Cc, 1, K, Dk, Kb, Dk, 1);
+            NAME(matmul)(Cc, Dk, Cc, M, Cc, 1, K, Dk, Kb, Dk, Kb, 1);
             if (!S0) continue;                 /* the zero state entering the sequence */
             NAME(transpose)(Dk, Dv, S0, Tr);                                     /* S_0^T */
-            NAME(matmul)(Cc, Dk, Dv, Rb, Dv, 1, Tr, Dk, tmp, Dk, 0);
+            NAME(matmul)(Cc, Dk, Dv, Rb, Dv, 1, Tr, Dk, tmp, Dk, NULL, 0);
             for (long t = 0; t < Cc; ++t)
                 for (long j = 0; j < Dk; ++j) {
                     Kb[t * Dk + j] = Kb[t * Dk + j] + gi[t] * tmp[t * Dk + j];
                     gK[t * Dk + j] = gi[t] * K[t * Dk + j];
                 }
-            for (long x = 0; x < state; ++x) Sb[x] = di[0] * Sb[x];
-            NAME(matmul)(Dk, Dv, Cc, gK, 1, Dk, Rb, Dv, Sb, Dv, 1);
+            NAME(matmul)(Dk, Dv, Cc, gK, 1, Dk, Rb, Dv, Sb, Dv, Sb, di[0]);  /* d_0 S_b + */
         }
     }
     return 0;

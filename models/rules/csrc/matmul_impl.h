@@ -2,11 +2,13 @@
  * fast-weight state): included by steps.c with T (float or double) and NAME(x) defined, after
  * fwm_steps_impl.h (vec) and dot_impl.h (quad).
  *
- *   Out[m, n] = (accumulate ? Out[m, n] : 0) + sum_k A[m, k] B[k, n],   m < M, n < N,
+ *   Out[m, n] = (Start ? s Start[m, n] : 0) + sum_k A[m, k] B[k, n],   m < M, n < N,
  *
- * A read as A[m * a_row + k * a_col] (so a transposed A costs nothing), B and Out row-major with
- * leading dimensions ldb and ldo. Every element is summed over k in order from the start value:
- * the floats of the plain loop, whatever the vector width, since a lane is a column. Tiles of
+ * A read as A[m * a_row + k * a_col] (so a transposed A costs nothing), B, Out and Start
+ * row-major with leading dimensions ldb, ldo and ldo (Start may be Out itself: s = 1 adds to
+ * it, and a state is scaled and updated in one pass). Every element is summed over k in order
+ * from s Start[m, n]: the floats of the plain loop, whatever the vector width, since a lane is
+ * a column. Tiles of
  * 4 rows x 2 vectors keep 8 sums in registers while a k step loads 2 vectors of B and 4
  * scalars of A (without fused multiply-adds a product needs a register of its own: 3 vectors
  * would spill one of 16); 4-wide and scalar columns finish a row. It runs at about MKL's speed
@@ -15,21 +17,23 @@
 
 static inline __attribute__((always_inline))
 void NAME(matmul)(long M, long N, long K, const T *A, long a_row, long a_col, const T *Bm,
-                  long ldb, T *Out, long ldo, int accumulate) {
+                  long ldb, T *Out, long ldo, const T *Start, T s) {
     const long lanes = (long)(sizeof(NAME(vec)) / sizeof(T));
     typedef NAME(vec) V;
     long m = 0;
     for (; m + 4 <= M; m += 4) {
         const T *A0 = A + m * a_row;
         T *O0 = Out + m * ldo, *O1 = O0 + ldo, *O2 = O1 + ldo, *O3 = O2 + ldo;
+        const T *I0 = (Start ? Start : Out) + m * ldo, *I1 = I0 + ldo, *I2 = I1 + ldo,
+                *I3 = I2 + ldo;                                   /* read only with Start */
         long n = 0;
         for (; n + 2 * lanes <= N; n += 2 * lanes) {
             V c00, c01, c10, c11, c20, c21, c30, c31;
-            if (accumulate) {
-                c00 = *(V *)(O0 + n); c01 = *(V *)(O0 + n + lanes);
-                c10 = *(V *)(O1 + n); c11 = *(V *)(O1 + n + lanes);
-                c20 = *(V *)(O2 + n); c21 = *(V *)(O2 + n + lanes);
-                c30 = *(V *)(O3 + n); c31 = *(V *)(O3 + n + lanes);
+            if (Start) {
+                c00 = s * *(const V *)(I0 + n); c01 = s * *(const V *)(I0 + n + lanes);
+                c10 = s * *(const V *)(I1 + n); c11 = s * *(const V *)(I1 + n + lanes);
+                c20 = s * *(const V *)(I2 + n); c21 = s * *(const V *)(I2 + n + lanes);
+                c30 = s * *(const V *)(I3 + n); c31 = s * *(const V *)(I3 + n + lanes);
             } else {
                 c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = (V){0};
             }
@@ -52,8 +56,9 @@ void NAME(matmul)(long M, long N, long K, const T *A, long a_row, long a_col, co
         }
         for (; n + lanes <= N; n += lanes) {
             V c0, c1, c2, c3;
-            if (accumulate) {
-                c0 = *(V *)(O0 + n); c1 = *(V *)(O1 + n); c2 = *(V *)(O2 + n); c3 = *(V *)(O3 + n);
+            if (Start) {
+                c0 = s * *(const V *)(I0 + n); c1 = s * *(const V *)(I1 + n);
+                c2 = s * *(const V *)(I2 + n); c3 = s * *(const V *)(I3 + n);
             } else {
                 c0 = c1 = c2 = c3 = (V){0};
             }
@@ -68,8 +73,9 @@ void NAME(matmul)(long M, long N, long K, const T *A, long a_row, long a_col, co
         for (; n + 4 <= N; n += 4) {
             typedef NAME(quad) Q;
             Q c0, c1, c2, c3;
-            if (accumulate) {
-                c0 = *(Q *)(O0 + n); c1 = *(Q *)(O1 + n); c2 = *(Q *)(O2 + n); c3 = *(Q *)(O3 + n);
+            if (Start) {
+                c0 = s * *(const Q *)(I0 + n); c1 = s * *(const Q *)(I1 + n);
+                c2 = s * *(const Q *)(I2 + n); c3 = s * *(const Q *)(I3 + n);
             } else {
                 c0 = c1 = c2 = c3 = (Q){0};
             }
@@ -83,25 +89,28 @@ void NAME(matmul)(long M, long N, long K, const T *A, long a_row, long a_col, co
         }
         for (; n < N; ++n)
             for (int q = 0; q < 4; ++q) {
-                T *o = Out + (m + q) * ldo + n, s = accumulate ? *o : 0;
-                for (long k = 0; k < K; ++k) s += A0[q * a_row + k * a_col] * Bm[k * ldb + n];
-                *o = s;
+                const long at = (m + q) * ldo + n;
+                T sum = Start ? s * Start[at] : 0;
+                for (long k = 0; k < K; ++k) sum += A0[q * a_row + k * a_col] * Bm[k * ldb + n];
+                Out[at] = sum;
             }
     }
     for (; m < M; ++m) {
         const T *A0 = A + m * a_row;
         T *O0 = Out + m * ldo;
+        const T *I0 = (Start ? Start : Out) + m * ldo;
         long n = 0;
         for (; n + lanes <= N; n += lanes) {
-            V c0 = accumulate ? *(V *)(O0 + n) : (V){0};
+            V c0 = {0};
+            if (Start) c0 = s * *(const V *)(I0 + n);
             const T *Bk = Bm + n, *Ak = A0;
             for (long k = 0; k < K; ++k, Bk += ldb, Ak += a_col) c0 += Ak[0] * *(const V *)Bk;
             *(V *)(O0 + n) = c0;
         }
         for (; n < N; ++n) {
-            T s = accumulate ? O0[n] : 0;
-            for (long k = 0; k < K; ++k) s += A0[k * a_col] * Bm[k * ldb + n];
-            O0[n] = s;
+            T sum = Start ? s * I0[n] : 0;
+            for (long k = 0; k < K; ++k) sum += A0[k * a_col] * Bm[k * ldb + n];
+            O0[n] = sum;
         }
     }
 }
