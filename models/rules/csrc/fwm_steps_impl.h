@@ -79,15 +79,33 @@ void NAME(fwm_forward_sequence)(long C, long D, const T *Gi, const T *R0i, const
             gi[t] = 1;
         }
         NAME(weighted_rows)(t, D, wt, 1, Ui, rt);
-        if (R0i) {
-            const T gt = gi[t], *R0t = R0i + t * D;
-            for (long d = 0; d < D; ++d) rt[d] += R0t[d] * gt;
+        const T bt = bi[t], gt = R0i ? gi[t] : 0, *R0t = R0i ? R0i + t * D : rt;
+        const T *Vt = NAME(value_row)(Vi, idi, t, D, scratch);
+        /* One pass over the row: r (+= g R0), u = (v - r) b and the dots u . r and u . u as
+         * independent 4-lane sums, in dot()'s order (lane e mod 4, the tail into lane 0, then
+         * (s0 + s1) + (s2 + s3)): the floats of the separate loops. */
+        NAME(quad) s_ur = {0, 0, 0, 0}, s_uu = {0, 0, 0, 0};
+        long e = 0;
+        for (; e + 4 <= D; e += 4) {
+            NAME(quad) r = *(NAME(quad) *)(rt + e);
+            if (R0i) r += *(const NAME(quad) *)(R0t + e) * gt;
+            const NAME(quad) u = (*(const NAME(quad) *)(Vt + e) - r) * bt;
+            *(NAME(quad) *)(rt + e) = r;
+            *(NAME(quad) *)(ut + e) = u;
+            s_ur += u * r;
+            s_uu += u * u;
         }
-        const T bt = bi[t], *Vt = NAME(value_row)(Vi, idi, t, D, scratch);
-        for (long e = 0; e < D; ++e) ut[e] = (Vt[e] - rt[e]) * bt;
+        T t_ur = s_ur[0], t_uu = s_uu[0];
+        for (; e < D; ++e) {
+            if (R0i) rt[e] += R0t[e] * gt;
+            ut[e] = (Vt[e] - rt[e]) * bt;
+            t_ur += ut[e] * rt[e];
+            t_uu += ut[e] * ut[e];
+        }
         if (!Vi) scratch[idi[t]] = 0;
         /* n' = n + 2 u.r + |k|^2 |u|^2 */
-        const T np = norm + 2 * (NAME(dot)(ut, rt, D) + hki[t] * NAME(dot)(ut, ut, D));
+        const T np = norm + 2 * (((t_ur + s_ur[1]) + (s_ur[2] + s_ur[3]))
+                                 + hki[t] * ((t_uu + s_uu[1]) + (s_uu[2] + s_uu[3])));
         npi[t] = np;
         if (first && t == 0) {
             ci[t] = 1;
