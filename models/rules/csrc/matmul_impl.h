@@ -8,12 +8,11 @@
  * row-major with leading dimensions ldb, ldo and ldo (Start may be Out itself: s = 1 adds to
  * it, and a state is scaled and updated in one pass). Every element is summed over k in order
  * from s Start[m, n]: the floats of the plain loop, whatever the vector width, since a lane is
- * a column. Tiles of
- * 4 rows x 2 vectors keep 8 sums in registers while a k step loads 2 vectors of B and 4
- * scalars of A (without fused multiply-adds a product needs a register of its own: 3 vectors
- * would spill one of 16); 4-wide and scalar columns finish a row. It runs at about MKL's speed
- * on the FWM write's sizes (32 x 64 x 200 f32: 43 against 42 GMAC/s on a Zen 4 core, its data
- * in L1), with no packing and nothing copied. */
+ * a column. Tiles of 4 rows x 2 vectors keep 8 sums in registers while a k step loads 2 vectors
+ * of B and 4 scalars of A (without fused multiply-adds a product needs a register of its own:
+ * 3 vectors would spill one of 16); 4-wide and scalar columns finish a row. It runs at about
+ * MKL's speed on the FWM write's sizes (32 x 64 x 200 f32: 43 against 42 GMAC/s on a Zen 4
+ * core, its data in L1), with no packing and nothing copied. */
 
 static inline __attribute__((always_inline))
 void NAME(matmul)(long M, long N, long K, const T *A, long a_row, long a_col, const T *Bm,
