@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.memory import pair_scores
-from models.normalisation import sum_normalise
+from models.normalisation import sum_normalise, sum_normalise_reference
 from models.numerics import exp_floor, floored_exp, floored_softmax, tanh_via_sigmoid
 from models.projection import ProjectedKeys, lookup_sum
 from models.rules.native import (dpfp_features_backward, dpfp_features_forward,
@@ -357,8 +357,7 @@ class DPFPNormalised(torch.autograd.Function):
     def backward(ctx, grad):
         x, y, s = ctx.saved_tensors
         if torch.is_grad_enabled():                                   # create_graph=True
-            phi = DPFP(x.shape[-1], ctx.nu).reference(x)
-            y = phi / (phi.sum(dim=-1, keepdim=True) + ctx.eps)
+            y = sum_normalise_reference(DPFP(x.shape[-1], ctx.nu).reference(x), ctx.eps)
             (dx,) = torch.autograd.grad(y, x, grad, create_graph=True)
             return dx, None, None, None
         dx = dpfp_normalised_backward(ctx.library, x.contiguous(), y, s, grad.contiguous(), ctx.nu)
