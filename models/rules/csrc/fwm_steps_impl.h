@@ -5,31 +5,85 @@
 
 /* out[d] = sum_{s<n} w[s * w_stride] X[s * D + d] for d < D, summed over s in order from
  * zero (the floats of the plain loop `out[d] += w_s X_sd`), with a block of columns held in
- * vector registers across s instead of reloading and storing out[] once per row. */
+ * registers across s instead of reloading and storing out[] once per row. Every pass over s
+ * keeps several independent sums, so no column waits on one add chain after another: blocks of
+ * 8 vectors, then of 4, then what is left (up to 3 vectors, a 4-wide and 3 single columns) in
+ * one pass. */
 typedef T NAME(vec) __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
 static inline __attribute__((always_inline))
 void NAME(weighted_rows)(long n, long D, const T *w, long w_stride, const T *X, T *out) {
-    const long lanes = (long)(sizeof(NAME(vec)) / sizeof(T));
+    typedef NAME(vec) V;
+    typedef NAME(quad) Q;
+    const long lanes = (long)(sizeof(V) / sizeof(T));
     long d = 0;
     for (; d + 8 * lanes <= D; d += 8 * lanes) {
-        NAME(vec) acc[8] = {{0}};
+        V acc[8] = {{0}};
         for (long s = 0; s < n; ++s) {
             const T ws = w[s * w_stride];
-            const NAME(vec) *x = (const NAME(vec) *)(X + s * D + d);
+            const V *x = (const V *)(X + s * D + d);
             for (int i = 0; i < 8; ++i) acc[i] += ws * x[i];
         }
-        for (int i = 0; i < 8; ++i) ((NAME(vec) *)(out + d))[i] = acc[i];
+        for (int i = 0; i < 8; ++i) ((V *)(out + d))[i] = acc[i];
     }
-    for (; d + lanes <= D; d += lanes) {
-        NAME(vec) acc = {0};
-        for (long s = 0; s < n; ++s) acc += w[s * w_stride] * *(const NAME(vec) *)(X + s * D + d);
-        *(NAME(vec) *)(out + d) = acc;
+    for (; d + 4 * lanes <= D; d += 4 * lanes) {
+        V acc[4] = {{0}};
+        for (long s = 0; s < n; ++s) {
+            const T ws = w[s * w_stride];
+            const V *x = (const V *)(X + s * D + d);
+            for (int i = 0; i < 4; ++i) acc[i] += ws * x[i];
+        }
+        for (int i = 0; i < 4; ++i) ((V *)(out + d))[i] = acc[i];
     }
-    for (; d < D; ++d) {
-        T acc = 0;
-        for (long s = 0; s < n; ++s) acc += w[s * w_stride] * X[s * D + d];
-        out[d] = acc;
+    if (d == D) return;
+    /* the rest: nv < 4 vectors, then nq (0 or 1) 4-wide and ns < 4 single columns */
+    const long nv = (D - d) / lanes, nq = (D - d - nv * lanes) / 4, ns = (D - d) % 4;
+    V a0 = {0}, a1 = {0}, a2 = {0};
+    Q q = {0};
+    T s0 = 0, s1 = 0, s2 = 0;
+    for (long s = 0; s < n; ++s) {
+        const T ws = w[s * w_stride], *x = X + s * D + d;
+        if (nv > 0) a0 += ws * *(const V *)x;
+        if (nv > 1) a1 += ws * *(const V *)(x + lanes);
+        if (nv > 2) a2 += ws * *(const V *)(x + 2 * lanes);
+        x += nv * lanes;
+        if (nq) q += ws * *(const Q *)x;
+        x += nq * 4;
+        if (ns > 0) s0 += ws * x[0];
+        if (ns > 1) s1 += ws * x[1];
+        if (ns > 2) s2 += ws * x[2];
     }
+    T *o = out + d;
+    if (nv > 0) *(V *)o = a0;
+    if (nv > 1) *(V *)(o + lanes) = a1;
+    if (nv > 2) *(V *)(o + 2 * lanes) = a2;
+    o += nv * lanes;
+    if (nq) *(Q *)o = q;
+    o += nq * 4;
+    if (ns > 0) o[0] = s0;
+    if (ns > 1) o[1] = s1;
+    if (ns > 2) o[2] = s2;
+}
+
+/* out[j] = dot(A + j D, B + j D, D) for j < n (dot()'s floats), four rows at a time: four
+ * independent add chains where one row alone waits on its own. */
+static inline __attribute__((always_inline))
+void NAME(row_dots)(long n, long D, const T *A, const T *B, T *out) {
+    typedef NAME(quad) Q;
+    long j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const T *a = A + j * D, *b = B + j * D;
+        Q s[4] = {{0}};
+        long e = 0;
+        for (; e + 4 <= D; e += 4)
+            for (int i = 0; i < 4; ++i)
+                s[i] += *(const Q *)(a + i * D + e) * *(const Q *)(b + i * D + e);
+        for (int i = 0; i < 4; ++i) {
+            T s0 = s[i][0];
+            for (long f = e; f < D; ++f) s0 += a[i * D + f] * b[i * D + f];
+            out[j + i] = (s0 + s[i][1]) + (s[i][2] + s[i][3]);
+        }
+    }
+    for (; j < n; ++j) out[j] = NAME(dot)(A + j * D, B + j * D, D);
 }
 
 /* The value row v_t: V's row t, or with one-hot ids (V NULL) the one-hot row of id, built in
@@ -138,11 +192,11 @@ void NAME(fwm_backward_sequence)(long C, long D, const T *Zi, const T *di, const
                                  const int64_t *idi, const T *bi, T *n_bar, T *Ubi, T *Rbi,
                                  T *diagi, T *bbi, T *scratch) {
     T *ub_reads = scratch, *vrow = scratch + D, *cd = scratch + 2 * D;
+    NAME(row_dots)(C, D, Zi, Ui, cd);                     /* d_bar, then its running sums */
+    if (s0dot) cd[0] += *s0dot;
     T acc = 0;
     for (long j = 0; j < C; ++j) {
-        T dbar = NAME(dot)(Zi + j * D, Ui + j * D, D);
-        if (j == 0 && s0dot) dbar += *s0dot;
-        acc += dbar * di[j];
+        acc += cd[j] * di[j];
         cd[j] = acc;
     }
     T nbar = *n_bar, phi = 0;
