@@ -19,6 +19,16 @@ static inline __attribute__((always_inline)) void NAME(prefetch_write)(T *p, lon
     for (long o = 0; o < count; o += 64 / (long)sizeof(T)) __builtin_prefetch(p + o, 1, 2);
 }
 
+/* Out[t, s] = sum_k A[t, k] Bt[k, s] for s <= t (and a few s > t of the tiles on the diagonal)
+ * of [C, C] products whose upper triangle is never read (A [C, D], Bt [D, C] row-major): about
+ * half of matmul's work, the same floats where both write. */
+static inline __attribute__((always_inline))
+void NAME(lower_product)(long C, long D, const T *A, const T *Bt, T *Out) {
+    for (long m = 0; m < C; m += 4)
+        NAME(matmul)(C - m < 4 ? C - m : 4, m + 4 < C ? m + 4 : C, D, A + m * D, D, 1, Bt, C,
+                     Out + m * C, C, NULL, 0);
+}
+
 /* Forward over sequences b0..b1-1 of k [B,L,Dk], values V [B,L,Dv] or (V NULL) one-hot ids
  * [B,L], beta [B,L], in chunks of C positions (the last may be shorter; nc chunks).
  * The final state goes to S [B,Dk,Dv]. keep: states [B,nc-1,Dk,Dv] gets the state after each
@@ -68,8 +78,8 @@ int NAME(fwm_chunked_forward)(long b0, long b1, long L, long C, long Dk, long Dv
                     NAME(prefetch_write)(w + (pi * nc + pch) * C * C, C * C);
                 }
             }
-            NAME(transpose)(Cc, Dk, K, Kt);                 /* G = K K^T, exactly symmetric */
-            NAME(matmul)(Cc, Cc, Dk, K, Dk, 1, Kt, Cc, G, Cc, NULL, 0);
+            NAME(transpose)(Cc, Dk, K, Kt);
+            NAME(lower_product)(Cc, Dk, K, Kt, G);             /* G = K K^T, s <= t */
             if (S0) NAME(matmul)(Cc, Dv, Dk, K, Dk, 1, S0, Dv, R0, Dv, NULL, 0);  /* K S_0 */
             NAME(fwm_forward_sequence)(Cc, Dv, G, S0 ? R0 : NULL, V ? V + row * Dv : NULL,
                                        ids ? ids + row : NULL, beta + row, &norm, ch == 0,
@@ -145,7 +155,7 @@ int NAME(fwm_chunked_backward)(long b0, long b1, long L, long C, long Dk, long D
                 for (long j = 0; j < Dk; ++j) Kb[t * Dk + j] = di[t] * Kb[t * Dk + j];
             /* G_b + G_b^T: tril(R_b U^T, -1) E off the diagonal, 2 diag on it */
             NAME(transpose)(Cc, Dv, Ui, Tr);                                     /* U^T */
-            NAME(matmul)(Cc, Cc, Dv, Rb, Dv, 1, Tr, Cc, M, Cc, NULL, 0);
+            NAME(lower_product)(Cc, Dv, Rb, Tr, M);                   /* R_b U^T, s <= t */
             for (long t = 0; t < Cc; ++t) {
                 for (long s = 0; s < t; ++s)
                     M[s * Cc + t] = M[t * Cc + s] = M[t * Cc + s] * Ei[t * Cc + s];
