@@ -59,6 +59,12 @@
 #if !defined(FWR_PRECISION) || FWR_PRECISION == 32
 #define T float
 #define NAME(x) x##_f32
+/* matmul_impl.h's transpose moves float32 tiles with lane shuffles where the compiler has them */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define FWR_SHUFFLE_TRANSPOSE
+#endif
+#endif
 #include "dot_impl.h"
 #include "fwm_steps_impl.h"
 #include "matmul_impl.h"
@@ -75,6 +81,7 @@
 #include "pointwise_impl.h"
 #undef EXP_NONPOSITIVE
 #undef EXP
+#undef FWR_SHUFFLE_TRANSPOSE
 #undef T
 #undef NAME
 #endif
