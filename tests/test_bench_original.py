@@ -141,3 +141,21 @@ def test_a_second_folder_replaces_the_first_ones_modules(stand_in, tmp_path):
     OriginalRun(other, "capacity", 10, "linear")
     import linearAttention
     assert Path(linearAttention.__file__).parent == other
+
+
+def test_passes_keep_each_timings_minimum_and_the_slowest_step():
+    """bench.py --passes: a figure is its minimum over the passes; the step's slowest pass is
+    kept beside it; an evaluation not timed (None) stays None; fewer than one pass is refused."""
+    from benchmarks.bench import keep_minima
+
+    first = dict(step_wall=2.0, step_cpu=1.9, eval_wall=0.5)
+    best = keep_minima(None, first)
+    assert best == dict(step_wall=2.0, step_cpu=1.9, eval_wall=0.5, step_wall_max=2.0)
+    best = keep_minima(best, dict(step_wall=1.5, step_cpu=2.1, eval_wall=0.7))
+    assert best == dict(step_wall=1.5, step_cpu=1.9, eval_wall=0.5, step_wall_max=2.0)
+    here = keep_minima(keep_minima(None, dict(step_s=3.0, eval_s=None)), dict(step_s=4.0, eval_s=None))
+    assert here == dict(step_s=3.0, eval_s=None, step_s_max=4.0)
+    result = subprocess.run([sys.executable, "benchmarks/bench.py", "--quick", "--passes", "0"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--passes must be at least 1" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
