@@ -26,9 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# ORIGINAL=path/to/fast-weight-transformers/synthetic also times the authors' code here.
+# ORIGINAL=path/to/fast-weight-transformers/synthetic also times the authors' code here;
+# PASSES=N times the paper configurations N times and keeps each figure's minimum.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py $(if $(ORIGINAL),--original "$(ORIGINAL)")
+	$(BIN)/python benchmarks/bench.py $(if $(ORIGINAL),--original "$(ORIGINAL)") $(if $(PASSES),--passes $(PASSES))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

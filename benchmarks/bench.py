@@ -1,6 +1,7 @@
 """Speed of the retrieval suite against the authors' original code (measured on this 2-core CPU).
 
-    python benchmarks/bench.py [--quick] [--out benchmarks/results/latest.csv]
+    python benchmarks/bench.py [--quick] [--passes N] [--original PATH]
+                               [--out benchmarks/results/latest.csv]
 
 Prints and writes to CSV:
 
@@ -10,7 +11,8 @@ Prints and writes to CSV:
    original code's figures; targets: training >= 30x faster, evaluation >= 100x faster.
    Each figure is the minimum over repeats of a block of steps (after warm-up), as wall time;
    the process CPU time of the same block is shown beside it (other processes on the machine
-   inflate wall time, not CPU time).
+   inflate wall time, not CPU time). With --passes N all configurations are timed N times,
+   one pass after the other, and each figure is its minimum over the passes.
 2. Delta-rule kernel, forward + backward of (o, S_L) in fp32, B = 32, d_v = L / 2: our
    chunkwise form (models/rules/delta.py) vs our sequential loop vs flash-linear-attention's
    pure-PyTorch chunkwise reference (fla/ops/delta_rule/naive.py, loaded by file path; skipped
