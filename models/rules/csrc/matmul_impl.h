@@ -126,38 +126,24 @@ void NAME(transpose)(long R, long Cn, const T *A, T *At) {
 #if defined(FWR_SHUFFLE_TRANSPOSE)
         typedef NAME(vec) V;
         for (; j + 8 <= Cn; j += 8) {
-            const T *a = A + i * Cn + j;
-            const V r0 = *(const V *)a, r1 = *(const V *)(a + Cn), r2 = *(const V *)(a + 2 * Cn),
-                    r3 = *(const V *)(a + 3 * Cn), r4 = *(const V *)(a + 4 * Cn),
-                    r5 = *(const V *)(a + 5 * Cn), r6 = *(const V *)(a + 6 * Cn),
-                    r7 = *(const V *)(a + 7 * Cn);
+            V r[8], t[8], u[8];
+            for (int q = 0; q < 8; ++q) r[q] = *(const V *)(A + (i + q) * Cn + j);
             /* pairs of rows interleaved, then pairs of pairs, then the 4-lane halves */
 #define FWR_SH __builtin_shufflevector
-            const V t0 = FWR_SH(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13),
-                    t1 = FWR_SH(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15),
-                    t2 = FWR_SH(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13),
-                    t3 = FWR_SH(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15),
-                    t4 = FWR_SH(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13),
-                    t5 = FWR_SH(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15),
-                    t6 = FWR_SH(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13),
-                    t7 = FWR_SH(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);
-            const V u0 = FWR_SH(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13),
-                    u1 = FWR_SH(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15),
-                    u2 = FWR_SH(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13),
-                    u3 = FWR_SH(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15),
-                    u4 = FWR_SH(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13),
-                    u5 = FWR_SH(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15),
-                    u6 = FWR_SH(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13),
-                    u7 = FWR_SH(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+            for (int q = 0; q < 4; ++q) {
+                t[2 * q] = FWR_SH(r[2 * q], r[2 * q + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+                t[2 * q + 1] = FWR_SH(r[2 * q], r[2 * q + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+            }
+            for (int h = 0; h < 8; h += 4)
+                for (int q = 0; q < 2; ++q) {
+                    u[h + 2 * q] = FWR_SH(t[h + q], t[h + q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+                    u[h + 2 * q + 1] = FWR_SH(t[h + q], t[h + q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+                }
             T *o = At + j * R + i;
-            *(V *)o = FWR_SH(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);
-            *(V *)(o + R) = FWR_SH(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);
-            *(V *)(o + 2 * R) = FWR_SH(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);
-            *(V *)(o + 3 * R) = FWR_SH(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);
-            *(V *)(o + 4 * R) = FWR_SH(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);
-            *(V *)(o + 5 * R) = FWR_SH(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);
-            *(V *)(o + 6 * R) = FWR_SH(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);
-            *(V *)(o + 7 * R) = FWR_SH(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);
+            for (int q = 0; q < 4; ++q) {
+                *(V *)(o + q * R) = FWR_SH(u[q], u[q + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+                *(V *)(o + (q + 4) * R) = FWR_SH(u[q], u[q + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+            }
 #undef FWR_SH
         }
 #endif
