@@ -342,14 +342,12 @@ def same_machine(t: dict, num_pairs: int, ours: dict) -> dict:
 def keep_minima(best: dict | None, new: dict) -> dict:
     """Each timing of `new` or of `best` (an earlier pass's), whichever is smaller; a step's
     time also keeps its largest value under "<key>_max" (how much the passes differed)."""
-    if best is None:
-        return {**new, **{f"{key}_max": value for key, value in new.items()
-                          if key in ("step_wall", "step_s")}}
-    merged = {key: (value if best[key] is None else min(value, best[key]))
-              if value is not None else best[key] for key, value in new.items()}
+    best = best or {}
+    merged = {key: min((t for t in (value, best.get(key)) if t is not None), default=None)
+              for key, value in new.items()}
     for key in ("step_wall", "step_s"):
         if key in new:
-            merged[f"{key}_max"] = max(new[key], best[f"{key}_max"])
+            merged[f"{key}_max"] = max(new[key], best.get(f"{key}_max", new[key]))
     return merged
 
 
