@@ -1019,3 +1019,19 @@ def test_chunked_write_gradients_through_a_long_clipped_sequence(monkeypatch, ge
     assert reference[0][:, :200].abs().max() < 1e-30                  # the early gradients vanish
     for got, want in zip((ours[2], ours[4], ours[3]), reference):
         assert (got.double() - want).abs().max() <= 4e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_flush_subnormals_and_give_the_caller_its_mode_back(dtype):
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        pytest.skip("subnormals are flushed on x86-64 and AArch64 only")
+    library = native.steps(torch.zeros(1, dtype=dtype))
+    if library is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    tiny = torch.finfo(dtype).tiny                          # the smallest normal
+    x = torch.tensor([[tiny / 4, 1.0], [tiny, 1.0]], dtype=dtype)
+    assert x[0, 0] != 0                                      # a subnormal in PyTorch
+    y, _ = native.sum_normalise_forward(library, x, 0.0)
+    assert y[0, 0] == 0                                      # x / 1: a subnormal, flushed
+    assert y[1, 0] == tiny and y[0, 1] == 1                  # normal numbers unchanged
+    assert (x[0, 0] * 1.0) != 0                              # this thread's mode is back

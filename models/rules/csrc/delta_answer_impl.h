@@ -10,6 +10,7 @@
 VECTOR_CLONES
 void NAME(delta_answer_forward)(long B, long L, long Q, long D, const T *q, const T *k,
                                 const T *beta, T *w, T *z, T *hs, T *h) {
+    FLUSH_DENORMALS;
     for (long i = 0; i < B; ++i) {
         const T *ki = k + i * L * D, *bi = beta + i * L;
         T *wi = w + i * L * Q, *zi = z + i * L * Q, *hsi = hs + i * L * Q * D;
@@ -37,6 +38,7 @@ VECTOR_CLONES
 void NAME(delta_answer_backward)(long B, long L, long Q, long D, const T *dw, const T *k,
                                  const T *beta, const T *z, const T *hs, T *dq, T *dk,
                                  T *dbeta, T *dh) {
+    FLUSH_DENORMALS;
     for (long i = 0; i < B; ++i) {
         const T *ki = k + i * L * D, *bi = beta + i * L, *dwi = dw + i * L * Q;
         const T *zi = z + i * L * Q, *hsi = hs + i * L * Q * D;

@@ -31,6 +31,7 @@ void NAME(dpfp_row_forward)(long D, long nu, const T *r, T *y) {
 /* x [rows, D] -> y [rows, nu W]. scratch: W elements. */
 VECTOR_CLONES
 void NAME(dpfp_features_forward)(long rows, long D, long nu, const T *x, T *y, T *scratch) {
+    FLUSH_DENORMALS;
     const long W = 2 * D;
     T *r = scratch;
     for (long n = 0; n < rows; ++n) {
@@ -74,6 +75,7 @@ void NAME(dpfp_row_backward)(long D, long nu, const T *r, const T *g, T *dr, T *
 VECTOR_CLONES
 void NAME(dpfp_features_backward)(long rows, long D, long nu, const T *x, const T *g, T *dx,
                                   T *scratch) {
+    FLUSH_DENORMALS;
     const long W = 2 * D;
     T *r = scratch, *dr = scratch + W;
     for (long n = 0; n < rows; ++n) {
@@ -90,6 +92,7 @@ void NAME(dpfp_features_backward)(long rows, long D, long nu, const T *x, const 
 VECTOR_CLONES
 void NAME(dpfp_normalised_forward)(long rows, long D, long nu, T eps, const T *x, T *y, T *s,
                                    T *scratch) {
+    FLUSH_DENORMALS;
     const long W = 2 * D, F = nu * W;
     T *r = scratch;
     for (long n = 0; n < rows; ++n) {
@@ -106,6 +109,7 @@ void NAME(dpfp_normalised_forward)(long rows, long D, long nu, T eps, const T *x
 VECTOR_CLONES
 void NAME(dpfp_normalised_backward)(long rows, long D, long nu, const T *x, const T *y,
                                     const T *s, const T *g, T *dx, T *scratch) {
+    FLUSH_DENORMALS;
     const long W = 2 * D, F = nu * W;
     T *r = scratch, *dr = scratch + W, *gp = scratch + 2 * W;
     for (long n = 0; n < rows; ++n) {

@@ -94,6 +94,7 @@ static inline void NAME(dpfp_kernel_sequence)(long b, long Q, long L, long D, lo
 VECTOR_CLONES
 void NAME(dpfp_kernel_forward)(long b0, long b1, long Q, long L, long D, long nu, const T *q,
                                const T *k, T *K, T *scratch) {
+    FLUSH_DENORMALS;
     for (long b = b0; b < b1; ++b)
         NAME(dpfp_kernel_sequence)(b, Q, L, D, nu, q, k, NULL, NULL, NULL, NULL, K, scratch);
 }
@@ -106,6 +107,7 @@ int NAME(dpfp_projected_kernel_forward)(long b0, long b1, long Q, long L, long D
                                         const T *q, const T *A, long NA, const int64_t *a,
                                         const T *C, long NC, const int64_t *c, T *K,
                                         T *scratch) {
+    FLUSH_DENORMALS;
     if (NAME(ids_outside)((b1 - b0) * L, NA, a + b0 * L, NC, c + b0 * L)) return 1;
     for (long b = b0; b < b1; ++b)
         NAME(dpfp_kernel_sequence)(b, Q, L, D, nu, q, NULL, A, a, C, c, K, scratch);
@@ -168,6 +170,7 @@ static inline void NAME(dpfp_kernel_sequence_backward)(long b, long Q, long L, l
 VECTOR_CLONES
 void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long nu, const T *g,
                                 const T *q, const T *k, T *dq, T *dk, T *scratch) {
+    FLUSH_DENORMALS;
     for (long b = b0; b < b1; ++b)
         NAME(dpfp_kernel_sequence_backward)(b, Q, L, D, nu, g, q, k, NULL, NULL, NULL, NULL, dq,
                                             dk, NULL, NULL, scratch);
@@ -181,6 +184,7 @@ int NAME(dpfp_projected_kernel_backward)(long B, long Q, long L, long D, long nu
                                          const T *q, const T *A, long NA, const int64_t *a,
                                          const T *C, long NC, const int64_t *c, T *dq, T *dA,
                                          T *dC, T *scratch) {
+    FLUSH_DENORMALS;
     if (NAME(ids_outside)(B * L, NA, a, NC, c)) return 1;
     memset(dA, 0, sizeof(T) * NA * D);
     memset(dC, 0, sizeof(T) * NC * D);

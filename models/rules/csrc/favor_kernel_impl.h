@@ -23,6 +23,7 @@ static inline T NAME(sum8)(const T *a, long n) {
 WIDE_VECTOR_CLONES
 void NAME(favor_kernel_forward)(long r0, long r1, long m, T floor, T *s, const T *c, T *K,
                                 T *scratch) {
+    FLUSH_DENORMALS;
     for (long r = r0; r < r1; ++r) {
         T *row = s + r * m;
         const T cr = c[r];
@@ -48,6 +49,7 @@ int NAME(favor_projected_forward)(long r0, long r1, long Q, long L, long m, T fl
                                   const T *A, long NA, const int64_t *a, const T *C, long NC,
                                   const int64_t *k, const T *p, const T *c, T *diff, T *K,
                                   T *scratch) {
+    FLUSH_DENORMALS;
     for (long r = r0; r < r1; ++r) {
         const long bt = (r / (Q * L)) * L + r % L;
         if (a[bt] < 0 || a[bt] >= NA || k[bt] < 0 || k[bt] >= NC) return 1;
@@ -77,6 +79,7 @@ VECTOR_CLONES
 int NAME(favor_projected_backward)(long B, long Q, long L, long m, const T *g, const T *diff,
                                    long NA, const int64_t *a, long NC, const int64_t *k, T *dA,
                                    T *dC, T *dp) {
+    FLUSH_DENORMALS;
     for (long bt = 0; bt < B * L; ++bt)
         if (a[bt] < 0 || a[bt] >= NA || k[bt] < 0 || k[bt] >= NC) return 1;
     memset(dA, 0, sizeof(T) * NA * m);

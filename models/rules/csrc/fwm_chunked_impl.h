@@ -42,6 +42,7 @@ int NAME(fwm_chunked_forward)(long b0, long b1, long L, long C, long Dk, long Dv
                               const T *V, const int64_t *ids, const T *beta, T *S,
                               T *states, int keep, T *hk, T *E, T *w, T *U, T *r, T *n_pre,
                               T *c, T *g, T *d, T *scratch) {
+    FLUSH_DENORMALS;
     if (NAME(bad_ids)(ids ? ids + b0 * L : NULL, (b1 - b0) * L, Dv)) return 1;
     const long nc = (L + C - 1) / C, state = Dk * Dv;
     T *G = scratch, *R0 = G + C * C, *dK = R0 + C * Dv, *Kt = dK + C * Dk, *vrow = Kt + C * Dk;
@@ -108,6 +109,7 @@ int NAME(fwm_chunked_backward)(long b0, long b1, long L, long C, long Dk, long D
                                const T *U, const T *r, const T *n_pre, const T *c, const T *g,
                                const T *d, const T *S_bar, T *k_bar, T *b_bar, T *v_bar,
                                T *scratch) {
+    FLUSH_DENORMALS;
     if (NAME(bad_ids)(ids ? ids + b0 * L : NULL, (b1 - b0) * L, Dv)) return 1;
     const long nc = (L + C - 1) / C, state = Dk * Dv;
     /* Tr: S_b^T, S_0^T [Dv,Dk] or U^T [Dv,Cc] */

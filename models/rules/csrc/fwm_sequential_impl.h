@@ -237,6 +237,7 @@ WIDE_VECTOR_CLONES
 int NAME(fwm_sequential_forward)(long b0, long b1, long L, long Dk, long Dv, const T *k,
                                  const T *V, const int64_t *ids, const T *b, T *W, T *rs, T *us,
                                  T *nps, T *cs, T *scratch) {
+    FLUSH_DENORMALS;
     if (NAME(bad_ids)(ids ? ids + b0 * L : NULL, (b1 - b0) * L, Dv)) return 1;
     T *vrow = scratch + 2 * Dv;
     memset(vrow, 0, sizeof(T) * Dv);
@@ -284,6 +285,7 @@ int NAME(fwm_sequential_backward)(long b0, long b1, long L, long Dk, long Dv, lo
                                   const T *rs_all, const T *us_all, const T *nps_all,
                                   const T *cs_all, const T *W_bar, T *k_bar, T *b_bar, T *v_bar,
                                   T *work) {
+    FLUSH_DENORMALS;
     if (NAME(bad_ids)(ids ? ids + b0 * L : NULL, (b1 - b0) * L, Dv)) return 1;
     const long state = Dv * Dk;
     const long chunks = (L + C - 1) / C;

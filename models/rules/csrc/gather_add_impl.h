@@ -34,6 +34,7 @@ static inline void NAME(lookup_row_backward)(const T *g, T *dA, int64_t i, T *dB
 VECTOR_CLONES
 int NAME(gather_add_forward)(long R, long D, const T *A, long NA, const int64_t *a, const T *B,
                              long NB, const int64_t *b, T *out) {
+    FLUSH_DENORMALS;
     if (NAME(ids_outside)(R, NA, a, NB, b)) return 1;
     for (long r = 0; r < R; ++r) NAME(lookup_row)(A, a[r], B, b[r], D, out + r * D);
     return 0;
@@ -44,6 +45,7 @@ int NAME(gather_add_forward)(long R, long D, const T *A, long NA, const int64_t 
 WIDE_VECTOR_CLONES
 int NAME(gather_add_backward)(long R, long D, const T *g, long NA, const int64_t *a, long NB,
                               const int64_t *b, T *dA, T *dB) {
+    FLUSH_DENORMALS;
     if (NAME(ids_outside)(R, NA, a, NB, b)) return 1;
     memset(dA, 0, sizeof(T) * NA * D);
     memset(dB, 0, sizeof(T) * NB * D);

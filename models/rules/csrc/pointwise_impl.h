@@ -41,17 +41,20 @@ static inline T NAME(tanh_slope)(T y) { return 1 - y * y; }
 #define POINTWISE_MAP(map)                                                                      \
 WIDE_VECTOR_CLONES                                                                              \
 void NAME(map##_forward)(long n, T floor, const T *x, T *y) {                                   \
+    FLUSH_DENORMALS;                                                                            \
     for (long i = 0; i < n; ++i) y[i] = NAME(map##_value)(x[i], floor);                         \
 }                                                                                               \
                                                                                                 \
 WIDE_VECTOR_CLONES                                                                              \
 void NAME(map##_backward)(long n, const T *y, const T *g, T *dx) {                              \
+    FLUSH_DENORMALS;                                                                            \
     for (long i = 0; i < n; ++i) dx[i] = g[i] * NAME(map##_slope)(y[i]);                        \
 }                                                                                               \
                                                                                                 \
 WIDE_VECTOR_CLONES                                                                              \
 int NAME(map##_lookup_forward)(long r0, long r1, long D, T floor, const T *A, long NA,          \
                                const int64_t *a, const T *B, long NB, const int64_t *b, T *y) { \
+    FLUSH_DENORMALS;                                                                            \
     if (NAME(ids_outside)(r1 - r0, NA, a + r0, NB, b + r0)) return 1;                           \
     for (long r = r0; r < r1; ++r) {                                                            \
         T *row = y + r * D;                                                                     \
@@ -65,6 +68,7 @@ WIDE_VECTOR_CLONES                                                              
 int NAME(map##_lookup_backward)(long Bn, long Q, long L, long D, const T *g, const T *p,        \
                                 const T *y, long NA, const int64_t *a, long NB,                 \
                                 const int64_t *b, T *dA, T *dB, T *scratch) {                   \
+    FLUSH_DENORMALS;                                                                            \
     if (NAME(ids_outside)(Bn * L, NA, a, NB, b)) return 1;                                      \
     memset(dA, 0, sizeof(T) * NA * D);                                                          \
     memset(dB, 0, sizeof(T) * NB * D);                                                          \

@@ -18,6 +18,7 @@ static inline __attribute__((always_inline)) T NAME(row_sum)(const T *x, long n)
 /* x [rows, D] -> y [rows, D], s [rows] = sum_i x_i + eps. */
 VECTOR_CLONES
 void NAME(sum_normalise_forward)(long rows, long D, T eps, const T *x, T *y, T *s) {
+    FLUSH_DENORMALS;
     for (long n = 0; n < rows; ++n) {
         const T *xr = x + n * D;
         T *yr = y + n * D;
@@ -30,6 +31,7 @@ void NAME(sum_normalise_forward)(long rows, long D, T eps, const T *x, T *y, T *
 /* dy_i/dx_j = (delta_ij - y_i) / s, so dx = (g - g . y) / s, from y, s and g = dLoss/dy. */
 VECTOR_CLONES
 void NAME(sum_normalise_backward)(long rows, long D, const T *y, const T *s, const T *g, T *dx) {
+    FLUSH_DENORMALS;
     for (long n = 0; n < rows; ++n) {
         const T *yr = y + n * D, *gr = g + n * D;
         T *dr = dx + n * D;
