@@ -62,29 +62,31 @@
  * mode. */
 #if defined(__GNUC__) && (defined(__x86_64__) || (defined(__i386__) && defined(__SSE2__)))
 #include <xmmintrin.h>
-static inline unsigned fwr_flush_enter(void) {
-    const unsigned mode = _mm_getcsr();
+typedef unsigned fwr_fpmode;
+static inline fwr_fpmode fwr_flush_enter(void) {
+    const fwr_fpmode mode = _mm_getcsr();
     _mm_setcsr(mode | 0x8040u);                                 /* FTZ (bit 15), DAZ (bit 6) */
     return mode;
 }
-static inline void fwr_flush_leave(const unsigned *mode) { _mm_setcsr(*mode); }
-#define FLUSH_DENORMALS \
-    const unsigned fwr_mode __attribute__((cleanup(fwr_flush_leave), unused)) = fwr_flush_enter()
+static inline void fwr_flush_leave(const fwr_fpmode *mode) { _mm_setcsr(*mode); }
 #elif defined(__GNUC__) && defined(__aarch64__)
-static inline unsigned long fwr_flush_enter(void) {
-    unsigned long mode;
+typedef unsigned long fwr_fpmode;
+static inline fwr_fpmode fwr_flush_enter(void) {
+    fwr_fpmode mode;
     __asm__ __volatile__("mrs %0, fpcr" : "=r"(mode));
     __asm__ __volatile__("msr fpcr, %0" : : "r"(mode | (1ul << 24)));            /* FZ */
     return mode;
 }
-static inline void fwr_flush_leave(const unsigned long *mode) {
+static inline void fwr_flush_leave(const fwr_fpmode *mode) {
     __asm__ __volatile__("msr fpcr, %0" : : "r"(*mode));
 }
-#define FLUSH_DENORMALS \
-    const unsigned long fwr_mode __attribute__((cleanup(fwr_flush_leave), unused)) = fwr_flush_enter()
 #else
 /* elsewhere subnormals are kept: floats may differ from x86's below the smallest normal */
 #define FLUSH_DENORMALS (void)0
+#endif
+#ifndef FLUSH_DENORMALS
+#define FLUSH_DENORMALS \
+    const fwr_fpmode fwr_mode __attribute__((cleanup(fwr_flush_leave), unused)) = fwr_flush_enter()
 #endif
 
 #include "expf_impl.h"
