@@ -14,6 +14,10 @@ import json
 import sys
 import time
 
+from training.runtime import bound_openmp_spinning
+
+bound_openmp_spinning()   # before torch is imported (training/runtime.py)
+
 DEFAULT_STORE = "results/retrieval.sqlite"
 
 

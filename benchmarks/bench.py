@@ -45,6 +45,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.runtime import bound_openmp_spinning  # noqa: E402
+
+bound_openmp_spinning()   # before torch is imported (training/runtime.py)
+
 import torch  # noqa: E402
 
 from tasks import sample_batch  # noqa: E402

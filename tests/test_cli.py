@@ -229,3 +229,16 @@ def test_train_seeds_bad_input(tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not store.exists()
+
+
+@pytest.mark.parametrize("user_env, expected", [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                                ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_cli_bounds_openmp_spinning_before_torch_loads_unless_the_user_chose(user_env, expected):
+    """libgomp reads its wait policy once, when torch loads it: the CLI sets the spin count
+    (training/runtime.py) before anything imports torch, and leaves a user's choice alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    probe = ("import os, sys; import run_retrieval; "
+             "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, **user_env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", str(expected)]

@@ -386,17 +386,21 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _over_batch(B: int, work: int, run) -> None:
-    """run(b0, b1) over the batch, split into torch.get_num_threads() ranges run in threads
-    (ctypes releases the GIL) when there is enough work. Each range's results depend on that
-    range alone, so the split does not change a single float."""
+    """run(b0, b1) over the batch, split into torch.get_num_threads() ranges when there is
+    enough work: the first in the calling thread, the others in a pool's threads (ctypes
+    releases the GIL). Each range's results depend on that range alone, so the split does not
+    change a single float."""
     threads = min(B, torch.get_num_threads())
     if threads <= 1 or work < PARALLEL_MIN_WORK:
         run(0, B)
         return
     bounds = [B * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads).submit(run, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-    for future in futures:
-        future.result()
+    futures = [_pool(threads - 1).submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    try:
+        run(bounds[0], bounds[1])
+    finally:
+        for future in futures:
+            future.result()
 
 
 def dpfp_kernel_forward(library, q, k, nu: int):
