@@ -112,12 +112,17 @@ class RetrievalModel(nn.Module):
 
 
 def retrieval_losses(y: Tensor, batch: RetrievalBatch) -> Tensor:
-    """The paper's loss 0.5 * |y - onehot(target)|^2 per query, y [B, Q, S] -> [B, Q].
+    """The paper's loss 0.5 * |y - onehot(target)|^2 per query, y [B, Q, S] -> [B, Q]."""
+    return target_losses(y, batch.targets)
+
+
+def target_losses(y: Tensor, targets: Tensor) -> Tensor:
+    """0.5 * |y - onehot(target)|^2 for y [..., S] and target ids [...] -> [...].
 
     y - onehot(target) without the one-hot tensor: subtract 1 at each target entry (the same
     floating-point operation as the dense subtraction)."""
-    index = batch.targets[:, :, None]                                        # [B, Q, 1]
-    error = y.scatter_add(2, index, y.new_full(index.shape, -1.0))           # [B, Q, S]
+    index = targets[..., None]                                               # [..., 1]
+    error = y.scatter_add(-1, index, y.new_full(index.shape, -1.0))          # [..., S]
     return 0.5 * error.pow(2).sum(-1)
 
 

@@ -27,7 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from models.memory import per_call_features
 from models.stacked import StackedRetrievalModel
-from models.retrieval import masked_mean, retrieval_losses
+from models.retrieval import target_losses
 from training.config import ConfigError, RunConfig
 from training.trainer import RunRecord, _Unbuilt, make_optimizer, make_task, seed_streams
 
@@ -48,10 +48,21 @@ def _stack_batches(batches) -> dict:
             continue
         tensors = [getattr(b, name) for b in batches]
         shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
-        stacked[name] = torch.stack([
-            torch.nn.functional.pad(t, [p for d in reversed(range(t.dim()))
-                                        for p in (0, shape[d] - t.shape[d])]) for t in tensors])
+        if any(list(t.shape) != shape for t in tensors):
+            tensors = [torch.nn.functional.pad(t, [p for d in reversed(range(t.dim()))
+                                                   for p in (0, shape[d] - t.shape[d])])
+                       for t in tensors]
+        stacked[name] = torch.stack(tensors)
     return stacked
+
+
+def member_losses(y: torch.Tensor, ids: dict) -> torch.Tensor:
+    """Each member's training loss, y [M, B, Q, S] and stacked batches -> [M]: the mean query
+    loss over its real queries (``retrieval_losses`` and ``masked_mean`` of every member at
+    once)."""
+    losses = target_losses(y, ids["targets"])                                # [M, B, Q]
+    mask = ids["query_mask"].to(losses.dtype)
+    return (losses * mask).sum((1, 2)) / mask.sum((1, 2))
 
 
 def _rebuild(example, tensors: dict):
@@ -90,8 +101,7 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
                 [m.redraw_generator for m in models])
             set_mode = stacked.train
 
-            def forward(batches):
-                ids = _stack_batches(batches)
+            def forward(batches, ids):
                 return stacked(ids["keys"], ids["values"], ids["queries"])      # [M, B, Q, S]
         else:
             forward, parameters, refresh_random_features, set_mode = _vmapped(models)
@@ -109,9 +119,8 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
             batches = [task.train_batch(gen) for task, gen in zip(tasks, data_gens)]
             refresh_random_features()
             set_mode(True)
-            y = forward(batches)                                             # [M, B, Q, D_v]
-            losses = torch.stack([masked_mean(retrieval_losses(y[i], batch), batch.query_mask)
-                                  for i, batch in enumerate(batches)])
+            ids = _stack_batches(batches)
+            losses = member_losses(forward(batches, ids), ids)               # [M]
             for record, value, is_active in zip(records, losses.tolist(), active.tolist()):
                 if is_active:
                     record.train_step(step, value)
@@ -127,7 +136,7 @@ def train_seeds(configs: list[RunConfig], log=None) -> list[dict]:
                 eval_batches = [tasks[i].eval_batch(eval_gens[i]) for i in range(len(models))]
                 refresh_random_features()
                 set_mode(False)
-                y_eval = forward(eval_batches)
+                y_eval = forward(eval_batches, _stack_batches(eval_batches))
             for i in due:
                 num_queries = eval_batches[i].queries.shape[1]
                 eval_loss, metrics = tasks[i].score(y_eval[i][:, :num_queries], eval_batches[i])
@@ -161,11 +170,11 @@ def _vmapped(models):
             owner = [dict(m.named_buffers())[name] for m in models]
             buffers[name] = torch.stack(owner)
 
-    def forward(batches):
+    def forward(batches, ids):
         example = batches[0]
 
         def member(p, b, tensors):
             return functional_call(template, (p, b), (_rebuild(example, tensors),))
-        return vmap(member)(params, buffers, _stack_batches(batches))
+        return vmap(member)(params, buffers, ids)
 
     return forward, list(params.values()), refresh_random_features, template.train
