@@ -131,13 +131,14 @@ class PointwiseKernel(torch.autograd.Function):
     ``lookup_sum``, the map and ``pair_scores``, forward and backward."""
 
     @staticmethod
-    def forward(ctx, phi_q, columns, table, values, keys, kind, library):
+    def forward(ctx, phi_q, columns, table, values, keys, kind, library, members=1):
         B, L = values.shape
         phi_k = pointwise_lookup_forward(library, kind, columns.contiguous(), values.reshape(-1),
                                          table.contiguous(), keys.reshape(-1),
                                          exp_floor(phi_q.dtype)).view(B, L, columns.shape[1])
         ctx.save_for_backward(phi_q, phi_k, values, keys)
         ctx.kind, ctx.library, ctx.sizes = kind, library, (columns.shape[0], table.shape[0])
+        ctx.members = members
         return phi_q @ phi_k.transpose(1, 2)
 
     @staticmethod
@@ -147,8 +148,8 @@ class PointwiseKernel(torch.autograd.Function):
         d_phi_q = grad @ phi_k if ctx.needs_input_grad[0] else None            # [B, Q, D]
         d_columns, d_table = pointwise_lookup_backward(
             ctx.library, ctx.kind, grad.contiguous(), phi_q.contiguous(), phi_k, ctx.sizes[0],
-            values, ctx.sizes[1], keys)
-        return d_phi_q, d_columns, d_table, None, None, None, None
+            values, ctx.sizes[1], keys, ctx.members)
+        return d_phi_q, d_columns, d_table, None, None, None, None, None
 
 
 class ElementwiseMap(FeatureMap):
@@ -188,7 +189,7 @@ class ElementwiseMap(FeatureMap):
             library = steps(phi_q, columns, table)
             if library is not None:
                 return PointwiseKernel.apply(phi_q, columns, table, values.contiguous(),
-                                             keys.contiguous(), self.kind, library)
+                                             keys.contiguous(), self.kind, library, k.members)
             k = k.dense()
         return pair_scores(phi_q, self(k))
 
@@ -290,7 +291,7 @@ class DPFP(FeatureMap):
             if library is not None:
                 return DPFPProjectedKernel.apply(q.contiguous(), columns.contiguous(),
                                                  table.contiguous(), values.contiguous(),
-                                                 keys.contiguous(), self.nu, library)
+                                                 keys.contiguous(), self.nu, library, k.members)
             k = k.dense()
         library = steps(q, k)
         if library is None:
@@ -388,12 +389,13 @@ class DPFPProjectedKernel(torch.autograd.Function):
     (ids [B, L]), in C: each key row is built where the kernel reads it, and in the backward
     its gradient is added to the tables' rows there (csrc/dpfp_kernel_impl.h), never the
     [B, L, D] keys or their gradient. The floats of ``lookup_sum`` followed by ``DPFPKernel``,
-    forward and backward; the backward runs in one thread (the tables' rows are shared)."""
+    forward and backward; the backward runs in one thread per member of stacked models (the
+    tables' rows are shared by a member's sequences)."""
 
     @staticmethod
-    def forward(ctx, q, columns, table, values, keys, nu, library):
+    def forward(ctx, q, columns, table, values, keys, nu, library, members=1):
         ctx.save_for_backward(q, columns, table, values, keys)
-        ctx.nu, ctx.library = nu, library
+        ctx.nu, ctx.library, ctx.members = nu, library, members
         return dpfp_projected_kernel_forward(library, q, columns, values, table, keys, nu)
 
     @staticmethod
@@ -401,8 +403,8 @@ class DPFPProjectedKernel(torch.autograd.Function):
     def backward(ctx, grad):
         q, columns, table, values, keys = ctx.saved_tensors
         dq, d_columns, d_table = dpfp_projected_kernel_backward(
-            ctx.library, grad.contiguous(), q, columns, values, table, keys, ctx.nu)
-        return dq, d_columns, d_table, None, None, None, None
+            ctx.library, grad.contiguous(), q, columns, values, table, keys, ctx.nu, ctx.members)
+        return dq, d_columns, d_table, None, None, None, None, None
 
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None) -> Tensor:

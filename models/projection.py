@@ -21,16 +21,20 @@ from torch import Tensor
 from models.rules.native import gather_add_backward, gather_add_forward, steps
 
 
-def lookup_sum(columns: Tensor, table: Tensor, value_ids: Tensor, key_ids: Tensor) -> Tensor:
+def lookup_sum(columns: Tensor, table: Tensor, value_ids: Tensor, key_ids: Tensor,
+               members: int = 1) -> Tensor:
     """columns[value_ids] + table[key_ids]: [S, out] tables, [N] ids -> [N, out]; in one C pass
     (``ProjectLookup``) where the compiled steps run, else two index_selects (the same floats).
+    ``members``: the tables and ids of that many stacked models, in equal consecutive blocks,
+    each member's ids in its own rows (``ProjectedKeys.lookups``); the backward then runs a
+    member per thread.
 
     index_select rather than advanced indexing: its backward is an index_add, where
     indexing's backward (index_put with accumulate) is several times slower on CPU."""
     library = steps(table)
     if library is not None and value_ids.dtype == key_ids.dtype == torch.int64:
         return ProjectLookup.apply(columns.contiguous(), table.contiguous(), value_ids, key_ids,
-                                   library)
+                                   library, members)
     return columns.index_select(0, value_ids) + table.index_select(0, key_ids)
 
 
@@ -40,10 +44,11 @@ class ProjectLookup(torch.autograd.Function):
     index_add's order. The same floats as the two index_selects and their sum."""
 
     @staticmethod
-    def forward(ctx, value_columns, key_table, values, keys, library):
+    def forward(ctx, value_columns, key_table, values, keys, library, members=1):
         values, keys = values.contiguous(), keys.contiguous()
         ctx.save_for_backward(values, keys)
         ctx.sizes, ctx.library = (value_columns.shape[0], key_table.shape[0]), library
+        ctx.members = members
         return gather_add_forward(library, value_columns, values, key_table, keys)
 
     @staticmethod
@@ -51,8 +56,8 @@ class ProjectLookup(torch.autograd.Function):
     def backward(ctx, grad):
         values, keys = ctx.saved_tensors
         d_columns, d_table = gather_add_backward(ctx.library, grad.contiguous(), ctx.sizes[0],
-                                                 values, ctx.sizes[1], keys)
-        return d_columns, d_table, None, None, None
+                                                 values, ctx.sizes[1], keys, ctx.members)
+        return d_columns, d_table, None, None, None, None
 
 
 class ProjectedKeys(NamedTuple):
@@ -75,6 +80,11 @@ class ProjectedKeys(NamedTuple):
     keys: Tensor
 
     @property
+    def members(self) -> int:
+        """M, the stacked models whose tables these are."""
+        return self.columns.shape[0]
+
+    @property
     def table(self) -> Tensor:
         """The projected embedding table bias + embedding weight^T, [M, S, D]."""
         if self.embedding.dim() == 2:             # one model: the product nn.Linear would run
@@ -95,7 +105,7 @@ class ProjectedKeys(NamedTuple):
     def dense(self) -> Tensor:
         """The keys [M * B, L, D]: ``lookup_sum`` over the flattened tables (``lookups``)."""
         columns, table, values, keys = self.lookups()
-        flat = lookup_sum(columns, table, values.flatten(), keys.flatten())
+        flat = lookup_sum(columns, table, values.flatten(), keys.flatten(), self.members)
         return flat.view(*self.values.shape, columns.shape[1])
 
     def reads_factors(self, num_queries: int) -> bool:

@@ -640,6 +640,43 @@ def test_projected_kernels_gradcheck_threads_and_bad_ids(name, monkeypatch, gene
                                                  5, a, 5, k)
 
 
+@pytest.mark.parametrize("name", ["linear", "tanh", "dpfp"])
+def test_stacked_members_gradients_run_a_member_per_thread_with_the_same_floats(
+        name, monkeypatch, generator):
+    """The tables' gradients of stacked models (each member's ids in its own rows) split over
+    threads by whole members: the same floats as one thread, for the kernel's backward and for
+    the lookups' own (``ProjectLookup``)."""
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    keys = projected_keys(generator, torch.float32, B=4, L=30, S=20, D=16, E=8, members=3)
+    q = torch.randn(12, 1, 16, generator=generator, requires_grad=True)
+    phi = projected_kernel_maps(name, 16)
+    split_ranges = []
+    over_batch = native._over_batch
+
+    def recording(B, work, run, blocks=None):
+        def recorded(b0, b1):
+            if blocks is not None:
+                split_ranges.append((B, b0, b1))
+            run(b0, b1)
+        over_batch(B, work, recorded, blocks)
+
+    monkeypatch.setattr(native, "_over_batch", recording)
+
+    def value_and_grads():
+        split_ranges.clear()
+        value = phi.kernel(q, keys)
+        dense = keys.dense()
+        loss = (value * value).sum() + (dense * dense.detach().cos()).sum()
+        return value, dense, *torch.autograd.grad(loss, [q, *keys[:4]])
+
+    one, split = on_one_and_three_threads(monkeypatch, value_and_grads)
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
+    # the kernel's backward over 12 sequences and the lookups' over 360 rows, a member each
+    assert sorted(split_ranges) == sorted([(12, 0, 4), (12, 4, 8), (12, 8, 12),
+                                           (360, 0, 120), (360, 120, 240), (360, 240, 360)])
+
+
 def short_training_fingerprint() -> list:
     """Losses and parameters after a few steps of each model with compiled steps."""
     sequential = fwm.SEQUENTIAL_STATE_BYTES

@@ -385,16 +385,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fwr-native")
 
 
-def _over_batch(B: int, work: int, run) -> None:
+def _over_batch(B: int, work: int, run, blocks: int | None = None) -> None:
     """run(b0, b1) over the batch, split into torch.get_num_threads() ranges when there is
     enough work: the first in the calling thread, the others in a pool's threads (ctypes
     releases the GIL). Each range's results depend on that range alone, so the split does not
-    change a single float."""
-    threads = min(B, torch.get_num_threads())
+    change a single float. With ``blocks``, the ranges hold whole blocks of B / blocks
+    (stacked models' members, whose gradients land in their own tables' rows)."""
+    blocks = B if blocks is None else blocks if B % blocks == 0 else 1
+    threads = min(blocks, torch.get_num_threads())
     if threads <= 1 or work < PARALLEL_MIN_WORK:
         run(0, B)
         return
-    bounds = [B * i // threads for i in range(threads + 1)]
+    bounds = [B // blocks * (blocks * i // threads) for i in range(threads + 1)]
     futures = [_pool(threads - 1).submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     try:
         run(bounds[0], bounds[1])
@@ -463,20 +465,29 @@ def dpfp_projected_kernel_forward(library, q, A, a, C, c, nu: int):
     return K
 
 
-def dpfp_projected_kernel_backward(library, g, q, A, a, C, c, nu: int):
+def dpfp_projected_kernel_backward(library, g, q, A, a, C, c, nu: int, members: int = 1):
     """Gradients (dq [B, Q, D], dA [NA, D], dC [NC, D]) of ``dpfp_projected_kernel_forward``
     for dLoss/dK = g [B, Q, L]: the floats of ``dpfp_kernel_backward`` followed by
-    ``gather_add_backward``; one thread (every key's gradient lands in the shared tables)."""
+    ``gather_add_backward``. Every key's gradient lands in the shared tables, so one thread
+    per member: ``members`` stacked models, each B / members sequences reading its own rows of
+    the tables (``_over_batch``'s blocks; one model: one thread)."""
     B, Q, D = q.shape
     L, W = a.shape[1], 2 * D
-    dq, dA, dC = q.new_empty(B, Q, D), A.new_empty(A.shape), C.new_empty(C.shape)
-    scratch = q.new_empty((2 * Q + 3) * W + 2 * nu + 2 * D)
-    failed = getattr(library, f"dpfp_projected_kernel_backward_{SUFFIX[q.dtype]}")(
-        ctypes.c_long(B), ctypes.c_long(Q), ctypes.c_long(L), ctypes.c_long(D), ctypes.c_long(nu),
-        *_pointers(q.dtype, g, q, A), ctypes.c_long(A.shape[0]), _ids(a),
-        *_pointers(q.dtype, C), ctypes.c_long(C.shape[0]), _ids(c),
-        *_pointers(q.dtype, dq, dA, dC, scratch))
-    if failed:
+    dq, dA, dC = q.new_empty(B, Q, D), A.new_zeros(A.shape), C.new_zeros(C.shape)
+    function = getattr(library, f"dpfp_projected_kernel_backward_{SUFFIX[q.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        scratch = q.new_empty((2 * Q + 3) * W + 2 * nu + 2 * D)   # named: held until C returns
+        failed.append(function(
+            ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
+            ctypes.c_long(D), ctypes.c_long(nu), *_pointers(q.dtype, g, q, A),
+            ctypes.c_long(A.shape[0]), _ids(a), *_pointers(q.dtype, C), ctypes.c_long(C.shape[0]),
+            _ids(c), *_pointers(q.dtype, dq, dA, dC, scratch)))
+
+    if B:
+        _over_batch(B, B * Q * L * W * (2 * nu + 6), run, blocks=members)
+    if any(failed):
         raise IndexError("index out of range in the projection's lookups")
     return dq, dA, dC
 
@@ -702,19 +713,29 @@ def pointwise_lookup_forward(library, kind: str, A, a, B, b, floor: float):
     return y
 
 
-def pointwise_lookup_backward(library, kind: str, g, p, y, NA: int, a, NB: int, b):
+def pointwise_lookup_backward(library, kind: str, g, p, y, NA: int, a, NB: int, b,
+                              members: int = 1):
     """Gradients (dA [NA, D], dB [NB, D]) of the scores s = p y^T (p [B, Q, D], y [B, L, D]
     from ``pointwise_lookup_forward`` with ids a, b [B, L]) for dLoss/ds = g [B, Q, L], through
     the map: for one query the floats of PairScores' key gradient, ``pointwise_backward`` and
-    ``gather_add_backward``; one thread (every key's gradient lands in the shared tables)."""
+    ``gather_add_backward``. One thread per member of ``members`` stacked models (as
+    ``dpfp_projected_kernel_backward``)."""
     Bn, Q, L = g.shape
     D = y.shape[-1]
-    dA, dB, scratch = y.new_empty(NA, D), y.new_empty(NB, D), y.new_empty(D)
-    failed = getattr(library, f"{kind}_lookup_backward_{SUFFIX[y.dtype]}")(
-        ctypes.c_long(Bn), ctypes.c_long(Q), ctypes.c_long(L), ctypes.c_long(D),
-        *_pointers(y.dtype, g, p, y), ctypes.c_long(NA), _ids(a), ctypes.c_long(NB), _ids(b),
-        *_pointers(y.dtype, dA, dB, scratch))
-    if failed:
+    dA, dB = y.new_zeros(NA, D), y.new_zeros(NB, D)
+    function = getattr(library, f"{kind}_lookup_backward_{SUFFIX[y.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        scratch = y.new_empty(D)                      # named: held until C returns
+        failed.append(function(
+            ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
+            ctypes.c_long(D), *_pointers(y.dtype, g, p, y), ctypes.c_long(NA), _ids(a),
+            ctypes.c_long(NB), _ids(b), *_pointers(y.dtype, dA, dB, scratch)))
+
+    if Bn:
+        _over_batch(Bn, 4 * Bn * L * D * (Q + 1), run, blocks=members)
+    if any(failed):
         raise IndexError("index out of range in the projection's lookups")
     return dA, dB
 
@@ -740,13 +761,22 @@ def gather_add_forward(library, A, a, B, b):
     return out
 
 
-def gather_add_backward(library, g, NA: int, a, NB: int, b):
-    """Gradients (dA [NA, D], dB [NB, D]) of ``gather_add_forward`` for dLoss/dout = g [R, D]."""
+def gather_add_backward(library, g, NA: int, a, NB: int, b, members: int = 1):
+    """Gradients (dA [NA, D], dB [NB, D]) of ``gather_add_forward`` for dLoss/dout = g [R, D].
+    One thread per member of ``members`` stacked models, each R / members rows reading its own
+    rows of the tables (as ``dpfp_projected_kernel_backward``)."""
     R, D = g.shape
-    dA, dB = g.new_empty(NA, D), g.new_empty(NB, D)
-    failed = getattr(library, f"gather_add_backward_{SUFFIX[g.dtype]}")(
-        ctypes.c_long(R), ctypes.c_long(D), *_pointers(g.dtype, g), ctypes.c_long(NA), _ids(a),
-        ctypes.c_long(NB), _ids(b), *_pointers(g.dtype, dA, dB))
-    if failed:
+    dA, dB = g.new_zeros(NA, D), g.new_zeros(NB, D)
+    function = getattr(library, f"gather_add_backward_{SUFFIX[g.dtype]}")
+    failed = []
+
+    def run(r0: int, r1: int) -> None:
+        failed.append(function(
+            ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(D), *_pointers(g.dtype, g),
+            ctypes.c_long(NA), _ids(a), ctypes.c_long(NB), _ids(b), *_pointers(g.dtype, dA, dB)))
+
+    if R:
+        _over_batch(R, 4 * R * D, run, blocks=members)
+    if any(failed):
         raise IndexError("index out of range in the projection's lookups")
     return dA, dB

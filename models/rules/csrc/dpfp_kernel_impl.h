@@ -176,19 +176,18 @@ void NAME(dpfp_kernel_backward)(long b0, long b1, long Q, long L, long D, long n
                                             dk, NULL, NULL, scratch);
 }
 
-/* The backward of dpfp_projected_kernel_forward over the whole batch (one thread: every key's
- * gradient lands in the shared tables, in ascending order): dq [B,Q,D], dA [NA,D], dC [NC,D]
- * overwritten. Returns 0, or 1 (nothing written) if an id is outside its table. */
+/* The backward of dpfp_projected_kernel_forward for the sequences b0 <= b < b1, ascending:
+ * dq [B,Q,D] written there, each key's gradient added into the tables dA [NA,D], dC [NC,D]
+ * (the caller zeroes them; ranges that share table rows cannot run at once). Returns 0, or 1
+ * (nothing written) if an id is outside its table. */
 VECTOR_CLONES
-int NAME(dpfp_projected_kernel_backward)(long B, long Q, long L, long D, long nu, const T *g,
-                                         const T *q, const T *A, long NA, const int64_t *a,
-                                         const T *C, long NC, const int64_t *c, T *dq, T *dA,
-                                         T *dC, T *scratch) {
+int NAME(dpfp_projected_kernel_backward)(long b0, long b1, long Q, long L, long D, long nu,
+                                         const T *g, const T *q, const T *A, long NA,
+                                         const int64_t *a, const T *C, long NC,
+                                         const int64_t *c, T *dq, T *dA, T *dC, T *scratch) {
     FLUSH_DENORMALS;
-    if (NAME(ids_outside)(B * L, NA, a, NC, c)) return 1;
-    memset(dA, 0, sizeof(T) * NA * D);
-    memset(dC, 0, sizeof(T) * NC * D);
-    for (long b = 0; b < B; ++b)
+    if (NAME(ids_outside)((b1 - b0) * L, NA, a + b0 * L, NC, c + b0 * L)) return 1;
+    for (long b = b0; b < b1; ++b)
         NAME(dpfp_kernel_sequence_backward)(b, Q, L, D, nu, g, q, NULL, A, a, C, c, dq, NULL,
                                             dA, dC, scratch);
     return 0;

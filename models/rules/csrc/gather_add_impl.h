@@ -40,15 +40,13 @@ int NAME(gather_add_forward)(long R, long D, const T *A, long NA, const int64_t 
     return 0;
 }
 
-/* dA [NA, D] and dB [NB, D] are overwritten. Returns 0, or 1 (nothing written) if an id is
- * outside its table. */
+/* The rows r0 <= r < r1 of g added into dA [NA, D] and dB [NB, D] (the caller zeroes them).
+ * Returns 0, or 1 (nothing written) if an id is outside its table. */
 WIDE_VECTOR_CLONES
-int NAME(gather_add_backward)(long R, long D, const T *g, long NA, const int64_t *a, long NB,
-                              const int64_t *b, T *dA, T *dB) {
+int NAME(gather_add_backward)(long r0, long r1, long D, const T *g, long NA, const int64_t *a,
+                              long NB, const int64_t *b, T *dA, T *dB) {
     FLUSH_DENORMALS;
-    if (NAME(ids_outside)(R, NA, a, NB, b)) return 1;
-    memset(dA, 0, sizeof(T) * NA * D);
-    memset(dB, 0, sizeof(T) * NB * D);
-    for (long r = 0; r < R; ++r) NAME(lookup_row_backward)(g + r * D, dA, a[r], dB, b[r], D);
+    if (NAME(ids_outside)(r1 - r0, NA, a + r0, NB, b + r0)) return 1;
+    for (long r = r0; r < r1; ++r) NAME(lookup_row_backward)(g + r * D, dA, a[r], dB, b[r], D);
     return 0;
 }

@@ -31,11 +31,12 @@ static inline T NAME(tanh_slope)(T y) { return 1 - y * y; }
  *   lookup_forward   y[r] = f(A[a_r] + B[b_r]) for rows r0 <= r < r1 of [B L, D]: the floats
  *                    of gather_add_forward followed by the map's forward
  *   lookup_backward  the gradient of the scores s[b, j, t] = p[b, j] . y[b, t] (p = phi(q)
- *                    [B, Q, D], y [B, L, D]; dLoss/ds = g [B, Q, L]) to the two tables: for
- *                    each key row bt ascending, dy = sum_j g[b, j, t] p[b, j] (j ascending;
- *                    one query: the product g p alone, as PairScores' backward computes it),
- *                    dx = dy f'(x) from y, dA[a_bt] += dx, dB[b_bt] += dx (gather_add_backward's
- *                    order). dA [NA, D], dB [NB, D] overwritten; scratch D.
+ *                    [B, Q, D], y [B, L, D]; dLoss/ds = g [B, Q, L]) to the two tables, for
+ *                    the sequences b0 <= b < b1: for each key row bt ascending, dy =
+ *                    sum_j g[b, j, t] p[b, j] (j ascending; one query: the product g p alone,
+ *                    as PairScores' backward computes it), dx = dy f'(x) from y,
+ *                    dA[a_bt] += dx, dB[b_bt] += dx (gather_add_backward's order). Added into
+ *                    dA [NA, D], dB [NB, D] (the caller zeroes them); scratch D.
  * Both return 0, or 1 (nothing written) if an id is outside its table. Nothing of [B L, D]
  * is written back: neither the keys k nor dy nor dk. */
 #define POINTWISE_MAP(map)                                                                      \
@@ -65,14 +66,12 @@ int NAME(map##_lookup_forward)(long r0, long r1, long D, T floor, const T *A, lo
 }                                                                                               \
                                                                                                 \
 WIDE_VECTOR_CLONES                                                                              \
-int NAME(map##_lookup_backward)(long Bn, long Q, long L, long D, const T *g, const T *p,        \
-                                const T *y, long NA, const int64_t *a, long NB,                 \
+int NAME(map##_lookup_backward)(long b0, long b1, long Q, long L, long D, const T *g,         \
+                                const T *p, const T *y, long NA, const int64_t *a, long NB,     \
                                 const int64_t *b, T *dA, T *dB, T *scratch) {                   \
     FLUSH_DENORMALS;                                                                            \
-    if (NAME(ids_outside)(Bn * L, NA, a, NB, b)) return 1;                                      \
-    memset(dA, 0, sizeof(T) * NA * D);                                                          \
-    memset(dB, 0, sizeof(T) * NB * D);                                                          \
-    for (long bt = 0; bt < Bn * L; ++bt) {                                                      \
+    if (NAME(ids_outside)((b1 - b0) * L, NA, a + b0 * L, NB, b + b0 * L)) return 1;             \
+    for (long bt = b0 * L; bt < b1 * L; ++bt) {                                                 \
         const long batch = bt / L, t = bt % L;                                                  \
         const T *gb = g + batch * Q * L + t, *pb = p + batch * Q * D, *yr = y + bt * D;         \
         for (long d = 0; d < D; ++d) scratch[d] = gb[0] * pb[d];                                \
