@@ -524,7 +524,7 @@ class FAVORProjectedKernel(torch.autograd.Function):
     arithmetic in PyTorch."""
 
     @staticmethod
-    def forward(ctx, q_proj, by_value, by_key, values, keys, c):
+    def forward(ctx, q_proj, by_value, by_key, values, keys, c, members=1):
         B, L = values.shape
         library = steps(q_proj, by_value, by_key, c)
         if library is not None:
@@ -537,6 +537,7 @@ class FAVORProjectedKernel(torch.autograd.Function):
             kernel, difference = favor_terms(s_kv + q_proj[:, :, None, :], c)
         ctx.save_for_backward(values, keys, kernel, difference)
         ctx.library, ctx.sizes = library, (by_value.shape[0], by_key.shape[0])
+        ctx.members = members
         return kernel
 
     @staticmethod
@@ -547,28 +548,38 @@ class FAVORProjectedKernel(torch.autograd.Function):
         if ctx.library is not None:
             d_value, d_key, d_q_proj = favor_projected_backward(
                 ctx.library, grad.contiguous(), difference, NA, values.contiguous(), NC,
-                keys.contiguous())
+                keys.contiguous(), ctx.members)
         else:
             d_q_proj = (grad[:, :, None, :] @ difference).squeeze(2)      # [B, Q, m]
             d_s_kv = (grad[..., None] * difference).sum(1).view(-1, m)   # [B L, m]
             d_value = d_s_kv.new_zeros(NA, m).index_add_(0, values.flatten(), d_s_kv)
             d_key = d_s_kv.new_zeros(NC, m).index_add_(0, keys.flatten(), d_s_kv)
-        return d_q_proj, d_value, d_key, None, None, -(grad * kernel)
+        return d_q_proj, d_value, d_key, None, None, -(grad * kernel), None
 
 
 def favor_projected_kernel(q: Tensor, keys: ProjectedKeys, omega: Tensor) -> Tensor:
-    """``FAVORKernel`` for keys of one model given as ``ProjectedKeys`` (models/projection.py),
+    """``FAVORKernel`` for keys given as ``ProjectedKeys`` (models/projection.py),
     k_t = columns[v_t] + table[key_t]: Omega k_t = (columns Omega^T)[v_t] + (table Omega^T)[key_t]
     is a lookup in two [S, m] tables, so the [B L, D_k] x [D_k, m] product of every key with
     Omega (and its two products in the backward) becomes two [S, D_k] x [D_k, m] ones: at
     S = 600, m = 512, B = 32 about 40 million multiply-adds against 630 million
     (``FAVORProjectedKernel``). The same function as ``FAVORKernel`` on ``keys.dense()``,
-    rounded differently. q [B, Q, D_k] -> [B, Q, L]."""
-    B, L = keys.values.shape
-    columns, table, values, ids = keys.lookups()                 # [S, D_k] each, [B, L] ids
-    k = lookup_sum(columns, table, values.flatten(), ids.flatten()).view(B, L, -1)
-    return FAVORProjectedKernel.apply(q @ omega.T, columns @ omega.T, table @ omega.T,
-                                      values, ids, favor_offsets(q, k, omega.shape[0]))
+    rounded differently. q [B, Q, D_k] -> [B, Q, L] with omega [m, D_k] for one model; for M
+    stacked members, q [M * B, Q, D_k] and omega [M, m, D_k], member m's draws for its rows
+    and tables (each product batched over the members)."""
+    MB, L = keys.values.shape
+    columns, table, values, ids = keys.lookups()                 # [M S, D_k] each, [M B, L] ids
+    k = lookup_sum(columns, table, values.flatten(), ids.flatten(), keys.members).view(MB, L, -1)
+    if omega.dim() == 2:
+        q_proj, by_value, by_key = q @ omega.T, columns @ omega.T, table @ omega.T
+    else:
+        M, m, D = omega.shape
+        omega_t = omega.transpose(1, 2)                                   # [M, D_k, m]
+        q_proj = torch.bmm(q.reshape(M, -1, D), omega_t).view(MB, -1, m)
+        by_value, by_key = (torch.bmm(x.view(M, -1, D), omega_t).view(-1, m)
+                            for x in (columns, table))
+    return FAVORProjectedKernel.apply(q_proj, by_value, by_key, values, ids,
+                                      favor_offsets(q, k, omega.shape[-2]), keys.members)
 
 
 class FAVORPlus(RandomFeatureMap):
@@ -613,6 +624,17 @@ class FAVORPlus(RandomFeatureMap):
         if plain:
             return favor_kernel_terms(q, k, self.omega)[0]               # plain autograd
         return FAVORKernel.apply(q, k, self.omega)
+
+    @staticmethod
+    def members_kernel(maps: list[FAVORPlus], q: Tensor, k: Tensor | ProjectedKeys) -> Tensor | None:
+        """The kernel of M stacked members at once (models/stacked.py, ``MemberFeatureMaps``):
+        q [M * B, Q, D_k] and keys of M models as ``ProjectedKeys``, member m's rows read with
+        maps[m]'s draws; the products batched over the members (``favor_projected_kernel``).
+        None where ``kernel`` would not take the projected form."""
+        if (not isinstance(k, ProjectedKeys) or torch._C._are_functorch_transforms_active()
+                or any(phi.omega.requires_grad for phi in maps)):
+            return None
+        return favor_projected_kernel(q, k, torch.stack([phi.omega for phi in maps]))
 
     def sum_normalised(self, x: Tensor, eps: float = 0.0) -> Tensor:
         """phi(x) / (sum_i phi(x)_i + eps) [..., 2m], finite for any finite x.

@@ -63,6 +63,12 @@ class MemberFeatureMaps(nn.Module):
         return all(kernel_takes_projected_keys(phi) for phi in self.members)
 
     def kernel(self, q: Tensor, k: Tensor | ProjectedKeys) -> Tensor:
+        # A map class may compute its members' kernels at once (FAVORPlus.members_kernel).
+        together = getattr(type(self.members[0]), "members_kernel", None)
+        if together is not None and all(type(phi) is type(self.members[0]) for phi in self.members):
+            y = together(list(self.members), q, k)
+            if y is not None:
+                return y
         if not isinstance(k, ProjectedKeys):
             return torch.cat([phi.kernel(*parts)
                               for phi, parts in zip(self.members, self._split(q, k))])

@@ -66,8 +66,9 @@ def test_stacked_reads_every_query_of_an_evaluation_set(generator):
 def test_random_feature_maps_stay_per_member(options, rule, generator, monkeypatch):
     """FAVOR+ members keep their own Omega (fixed: drawn at construction; per call: drawn
     from each member's stream at every forward), in the kernel form (sum, training's one
-    query; each member's kernel reads its own projected tables), the features' (delta) and
-    the memory (evaluation)."""
+    query; the members' kernels in one call, FAVORPlus.members_kernel, each member's rows read
+    with its own Omega and projected tables), the features' (delta) and the memory
+    (evaluation)."""
     import models.feature_maps as feature_maps
     calls = []
     real = feature_maps.favor_projected_kernel
@@ -92,8 +93,9 @@ def test_random_feature_maps_stay_per_member(options, rule, generator, monkeypat
             torch.testing.assert_close(y[m], y_m, rtol=1e-12, atol=1e-12)
     omegas = [phi.omega for phi in stacked.memory.phi.members]
     assert not torch.equal(omegas[0], omegas[1])
-    # training: the stacked model's members, then each model alone, each with its 4 sequences
-    assert calls == ([torch.Size([4, S])] * (2 * MEMBERS) if rule == "sum" else [])
+    # training: the stacked model's members at once, then each model alone with its 4 sequences
+    assert calls == ([torch.Size([4 * MEMBERS, S])] + [torch.Size([4, S])] * MEMBERS
+                     if rule == "sum" else [])
 
 
 @pytest.mark.parametrize("feature_map, options", [

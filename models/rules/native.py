@@ -649,16 +649,24 @@ def favor_projected_forward(library, A, a, C, k, p, c, floor: float):
     return K, diff
 
 
-def favor_projected_backward(library, g, diff, NA: int, a, NC: int, k):
+def favor_projected_backward(library, g, diff, NA: int, a, NC: int, k, members: int = 1):
     """Gradients (dA [NA, m], dC [NC, m], dp [B, Q, m]) of ``favor_projected_forward``'s K for
-    dLoss/dK = g [B, Q, L], from its e+ - e- (diff [B, Q, L, m]); one pass, one thread."""
+    dLoss/dK = g [B, Q, L], from its e+ - e- (diff [B, Q, L, m]); one pass, one thread per
+    member of ``members`` stacked models (as ``dpfp_projected_kernel_backward``)."""
     B, Q, L, m = diff.shape
-    dA, dC, dp = diff.new_empty(NA, m), diff.new_empty(NC, m), diff.new_empty(B, Q, m)
-    failed = getattr(library, f"favor_projected_backward_{SUFFIX[diff.dtype]}")(
-        ctypes.c_long(B), ctypes.c_long(Q), ctypes.c_long(L), ctypes.c_long(m),
-        *_pointers(diff.dtype, g, diff), ctypes.c_long(NA), _ids(a), ctypes.c_long(NC), _ids(k),
-        *_pointers(diff.dtype, dA, dC, dp))
-    if failed:
+    dA, dC, dp = diff.new_zeros(NA, m), diff.new_zeros(NC, m), diff.new_zeros(B, Q, m)
+    function = getattr(library, f"favor_projected_backward_{SUFFIX[diff.dtype]}")
+    failed = []
+
+    def run(b0: int, b1: int) -> None:
+        failed.append(function(
+            ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
+            ctypes.c_long(m), *_pointers(diff.dtype, g, diff), ctypes.c_long(NA), _ids(a),
+            ctypes.c_long(NC), _ids(k), *_pointers(diff.dtype, dA, dC, dp)))
+
+    if B:
+        _over_batch(B, 6 * B * Q * L * m, run, blocks=members)
+    if any(failed):
         raise IndexError("index out of range in the projection's lookups")
     return dA, dC, dp
 

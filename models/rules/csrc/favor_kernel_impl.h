@@ -71,21 +71,20 @@ int NAME(favor_projected_forward)(long r0, long r1, long Q, long L, long m, T fl
     return 0;
 }
 
-/* Its backward, one pass over diff: with d_r = g_r diff_r for each pair in ascending order,
- *     dA[a_bt] += d_r,   dC[k_bt] += d_r,   dp[b, i] += d_r.
- * dA [NA, m], dC [NC, m] and dp [B, Q, m] are overwritten. Returns 0, or 1 (nothing written)
- * if an id is outside its table. */
+/* Its backward for the sequences b0 <= b < b1, one pass over their diff: with
+ * d_r = g_r diff_r for each pair in ascending order,
+ *     dA[a_bt] += d_r,   dC[k_bt] += d_r,   dp[b, i] += d_r,
+ * added into dA [NA, m], dC [NC, m] and dp [B, Q, m] (the caller zeroes them; ranges that
+ * share table rows cannot run at once). Returns 0, or 1 (nothing written) if an id is outside
+ * its table. */
 VECTOR_CLONES
-int NAME(favor_projected_backward)(long B, long Q, long L, long m, const T *g, const T *diff,
-                                   long NA, const int64_t *a, long NC, const int64_t *k, T *dA,
-                                   T *dC, T *dp) {
+int NAME(favor_projected_backward)(long b0, long b1, long Q, long L, long m, const T *g,
+                                   const T *diff, long NA, const int64_t *a, long NC,
+                                   const int64_t *k, T *dA, T *dC, T *dp) {
     FLUSH_DENORMALS;
-    for (long bt = 0; bt < B * L; ++bt)
+    for (long bt = b0 * L; bt < b1 * L; ++bt)
         if (a[bt] < 0 || a[bt] >= NA || k[bt] < 0 || k[bt] >= NC) return 1;
-    memset(dA, 0, sizeof(T) * NA * m);
-    memset(dC, 0, sizeof(T) * NC * m);
-    memset(dp, 0, sizeof(T) * B * Q * m);
-    for (long r = 0; r < B * Q * L; ++r) {
+    for (long r = b0 * Q * L; r < b1 * Q * L; ++r) {
         const long b = r / (Q * L), bt = b * L + r % L;
         const T gr = g[r], *row = diff + r * m;
         T *x = dA + a[bt] * m, *y = dC + k[bt] * m, *pr = dp + (r / L) * m;
