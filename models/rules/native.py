@@ -83,6 +83,7 @@ FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract
          "-fno-trapping-math"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 PRECISIONS = (32, 64)                 # csrc/steps.c's FWR_PRECISION: one object file each
+LOOKUP_IDS = "index out of range in the projection's lookups"   # an id outside its table
 
 
 def cache_dir() -> Path:
@@ -244,20 +245,18 @@ def fwm_chunked_forward(library, k, values, b, chunk: int, d_value: int | None =
         kept = (None,) * 10
     states, hk, n_pre, c, g, d, E, w, U, r = kept
     function = getattr(library, f"fwm_chunked_forward_{SUFFIX[k.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         scratch = k.new_empty(3 * C * C + 3 * C * D_v + 2 * C * D_k + D_v + 5 * C)  # named
-        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
-                               ctypes.c_long(C), ctypes.c_long(D_k), ctypes.c_long(D_v),
-                               *_pointers(k.dtype, k),
-                               *_values(k.dtype, values, d_value is not None),
-                               *_pointers(k.dtype, b, S, states), ctypes.c_int(int(keep)),
-                               *_pointers(k.dtype, hk, E, w, U, r, n_pre, c, g, d, scratch)))
+        return function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                        ctypes.c_long(C), ctypes.c_long(D_k), ctypes.c_long(D_v),
+                        *_pointers(k.dtype, k),
+                        *_values(k.dtype, values, d_value is not None),
+                        *_pointers(k.dtype, b, S, states), ctypes.c_int(int(keep)),
+                        *_pointers(k.dtype, hk, E, w, U, r, n_pre, c, g, d, scratch))
 
-    _over_batch(B, 2 * B * L * D_k * D_v, run)
-    if any(failed):
-        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    _over_batch_checked(B, 2 * B * L * D_k * D_v, run,
+                        f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
     return S, (kept if keep else None)
 
 
@@ -273,21 +272,19 @@ def fwm_chunked_backward(library, k, values, b, chunk: int, kept, S_bar,
     k_bar, b_bar = k.new_empty(B, L, D_k), k.new_empty(B, L)
     v_bar = k.new_empty(B, L, D_v) if values_grad and d_value is None else None
     function = getattr(library, f"fwm_chunked_backward_{SUFFIX[k.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         scratch = k.new_empty((D_k + max(D_k, C) + 3 * C) * D_v + C * C + 2 * C * D_k
                               + 2 * D_v + 2 * C)
-        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
-                               ctypes.c_long(C), ctypes.c_long(D_k), ctypes.c_long(D_v),
-                               *_pointers(k.dtype, k),
-                               *_values(k.dtype, values, d_value is not None),
-                               *_pointers(k.dtype, b, states, hk, E, w, U, r, n_pre, c, g, d,
-                                          S_bar, k_bar, b_bar, v_bar, scratch)))
+        return function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                        ctypes.c_long(C), ctypes.c_long(D_k), ctypes.c_long(D_v),
+                        *_pointers(k.dtype, k),
+                        *_values(k.dtype, values, d_value is not None),
+                        *_pointers(k.dtype, b, states, hk, E, w, U, r, n_pre, c, g, d,
+                                   S_bar, k_bar, b_bar, v_bar, scratch))
 
-    _over_batch(B, 4 * B * L * D_k * D_v, run)
-    if any(failed):
-        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    _over_batch_checked(B, 4 * B * L * D_k * D_v, run,
+                        f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
     return k_bar, b_bar, v_bar
 
 
@@ -305,18 +302,16 @@ def fwm_sequential_forward(library, k, values, b, d_value: int | None = None, ke
     kept = (k.new_empty(B, L, D_v), k.new_empty(B, L, D_v), k.new_empty(B, L),
             k.new_empty(B, L)) if keep else (None,) * 4
     function = getattr(library, f"fwm_sequential_forward_{SUFFIX[k.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         scratch = k.new_empty(3 * D_v)                  # named: held until C returns
-        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
-                               ctypes.c_long(D_k), ctypes.c_long(D_v), *_pointers(k.dtype, k),
-                               *_values(k.dtype, values, d_value is not None),
-                               *_pointers(k.dtype, b, W, *kept, scratch)))
+        return function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                        ctypes.c_long(D_k), ctypes.c_long(D_v), *_pointers(k.dtype, k),
+                        *_values(k.dtype, values, d_value is not None),
+                        *_pointers(k.dtype, b, W, *kept, scratch))
 
-    _over_batch(B, 2 * B * L * D_k * D_v, run)
-    if any(failed):
-        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    _over_batch_checked(B, 2 * B * L * D_k * D_v, run,
+                        f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
     return W, (kept if keep else None)
 
 
@@ -334,19 +329,17 @@ def fwm_sequential_backward(library, k, values, b, kept, W_bar, interval: int,
     v_bar = k.new_empty(B, L, D_v) if values_grad and d_value is None else None
     work_size = (-(-L // interval) + interval + 1) * D_v * D_k + 4 * D_v + D_k
     function = getattr(library, f"fwm_sequential_backward_{SUFFIX[k.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         work = k.new_empty(work_size)                   # named: held until C returns
-        failed.append(function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
-                               ctypes.c_long(D_k), ctypes.c_long(D_v), ctypes.c_long(interval),
-                               *_pointers(k.dtype, k),
-                               *_values(k.dtype, values, d_value is not None),
-                               *_pointers(k.dtype, b, *kept, W_bar, k_bar, b_bar, v_bar, work)))
+        return function(ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(L),
+                        ctypes.c_long(D_k), ctypes.c_long(D_v), ctypes.c_long(interval),
+                        *_pointers(k.dtype, k),
+                        *_values(k.dtype, values, d_value is not None),
+                        *_pointers(k.dtype, b, *kept, W_bar, k_bar, b_bar, v_bar, work))
 
-    _over_batch(B, 6 * B * L * D_k * D_v, run)
-    if any(failed):
-        raise IndexError(f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
+    _over_batch_checked(B, 6 * B * L * D_k * D_v, run,
+                        f"a one-hot value id outside 0..{D_v - 1} in the FWM write")
     return k_bar, b_bar, v_bar
 
 
@@ -391,7 +384,10 @@ def _over_batch(B: int, work: int, run, blocks: int | None = None) -> None:
     releases the GIL). Each range's results depend on that range alone, so the split does not
     change a single float. With ``blocks``, the ranges hold whole blocks of B / blocks
     (stacked models' members, whose gradients land in their own tables' rows)."""
-    blocks = B if blocks is None else blocks if B % blocks == 0 else 1
+    if blocks is None:
+        blocks = B
+    elif B % blocks:
+        blocks = 1                        # ranges of whole blocks only
     threads = min(blocks, torch.get_num_threads())
     if threads <= 1 or work < PARALLEL_MIN_WORK:
         run(0, B)
@@ -403,6 +399,16 @@ def _over_batch(B: int, work: int, run, blocks: int | None = None) -> None:
     finally:
         for future in futures:
             future.result()
+
+
+def _over_batch_checked(B: int, work: int, run, message: str, blocks: int | None = None) -> None:
+    """``_over_batch`` of a run(b0, b1) that returns its C function's status: IndexError(message)
+    if a range found an id outside its table (status 1; that range wrote nothing)."""
+    failed = []
+    if B:
+        _over_batch(B, work, lambda b0, b1: failed.append(run(b0, b1)), blocks)
+    if any(failed):
+        raise IndexError(message)
 
 
 def dpfp_kernel_forward(library, q, k, nu: int):
@@ -448,20 +454,16 @@ def dpfp_projected_kernel_forward(library, q, A, a, C, c, nu: int):
     L, W = a.shape[1], 2 * D
     K = q.new_empty(B, Q, L)
     function = getattr(library, f"dpfp_projected_kernel_forward_{SUFFIX[q.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         scratch = q.new_empty((Q + 3) * W + 2 * nu + D)     # named: held until C returns
-        failed.append(function(
+        return function(
             ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
             ctypes.c_long(D), ctypes.c_long(nu), *_pointers(q.dtype, q, A),
             ctypes.c_long(A.shape[0]), _ids(a), *_pointers(q.dtype, C), ctypes.c_long(C.shape[0]),
-            _ids(c), *_pointers(q.dtype, K, scratch)))
+            _ids(c), *_pointers(q.dtype, K, scratch))
 
-    if B:
-        _over_batch(B, B * Q * L * W * (nu + 2), run)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(B, B * Q * L * W * (nu + 2), run, LOOKUP_IDS)
     return K
 
 
@@ -475,20 +477,16 @@ def dpfp_projected_kernel_backward(library, g, q, A, a, C, c, nu: int, members: 
     L, W = a.shape[1], 2 * D
     dq, dA, dC = q.new_empty(B, Q, D), A.new_zeros(A.shape), C.new_zeros(C.shape)
     function = getattr(library, f"dpfp_projected_kernel_backward_{SUFFIX[q.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         scratch = q.new_empty((2 * Q + 3) * W + 2 * nu + 2 * D)   # named: held until C returns
-        failed.append(function(
+        return function(
             ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
             ctypes.c_long(D), ctypes.c_long(nu), *_pointers(q.dtype, g, q, A),
             ctypes.c_long(A.shape[0]), _ids(a), *_pointers(q.dtype, C), ctypes.c_long(C.shape[0]),
-            _ids(c), *_pointers(q.dtype, dq, dA, dC, scratch)))
+            _ids(c), *_pointers(q.dtype, dq, dA, dC, scratch))
 
-    if B:
-        _over_batch(B, B * Q * L * W * (2 * nu + 6), run, blocks=members)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(B, B * Q * L * W * (2 * nu + 6), run, LOOKUP_IDS, blocks=members)
     return dq, dA, dC
 
 
@@ -632,20 +630,16 @@ def favor_projected_forward(library, A, a, C, k, p, c, floor: float):
     K, diff = p.new_empty(B, Q, L), p.new_empty(B, Q, L, m)
     function = getattr(library, f"favor_projected_forward_{SUFFIX[p.dtype]}")
     real = ctypes.c_float if p.dtype == torch.float32 else ctypes.c_double
-    failed = []
 
-    def run(r0: int, r1: int) -> None:
+    def run(r0: int, r1: int) -> int:
         scratch = p.new_empty(m)                      # named: held until C returns
-        failed.append(function(
+        return function(
             ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(Q), ctypes.c_long(L),
             ctypes.c_long(m), real(floor), *_pointers(p.dtype, A), ctypes.c_long(A.shape[0]),
             _ids(a), *_pointers(p.dtype, C), ctypes.c_long(C.shape[0]), _ids(k),
-            *_pointers(p.dtype, p, c, diff, K, scratch)))
+            *_pointers(p.dtype, p, c, diff, K, scratch))
 
-    if B * Q * L:
-        _over_batch(B * Q * L, B * Q * L * m * 8, run)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(B * Q * L, B * Q * L * m * 8, run, LOOKUP_IDS)
     return K, diff
 
 
@@ -656,18 +650,14 @@ def favor_projected_backward(library, g, diff, NA: int, a, NC: int, k, members: 
     B, Q, L, m = diff.shape
     dA, dC, dp = diff.new_zeros(NA, m), diff.new_zeros(NC, m), diff.new_zeros(B, Q, m)
     function = getattr(library, f"favor_projected_backward_{SUFFIX[diff.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
-        failed.append(function(
+    def run(b0: int, b1: int) -> int:
+        return function(
             ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
             ctypes.c_long(m), *_pointers(diff.dtype, g, diff), ctypes.c_long(NA), _ids(a),
-            ctypes.c_long(NC), _ids(k), *_pointers(diff.dtype, dA, dC, dp)))
+            ctypes.c_long(NC), _ids(k), *_pointers(diff.dtype, dA, dC, dp))
 
-    if B:
-        _over_batch(B, 6 * B * Q * L * m, run, blocks=members)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(B, 6 * B * Q * L * m, run, LOOKUP_IDS, blocks=members)
     return dA, dC, dp
 
 
@@ -706,18 +696,14 @@ def pointwise_lookup_forward(library, kind: str, A, a, B, b, floor: float):
     y = A.new_empty(R, D)
     function = getattr(library, f"{kind}_lookup_forward_{SUFFIX[A.dtype]}")
     real = ctypes.c_float if A.dtype == torch.float32 else ctypes.c_double
-    failed = []
 
-    def run(r0: int, r1: int) -> None:
-        failed.append(function(
+    def run(r0: int, r1: int) -> int:
+        return function(
             ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(D), real(floor),
             *_pointers(A.dtype, A), ctypes.c_long(A.shape[0]), _ids(a), *_pointers(A.dtype, B),
-            ctypes.c_long(B.shape[0]), _ids(b), *_pointers(A.dtype, y)))
+            ctypes.c_long(B.shape[0]), _ids(b), *_pointers(A.dtype, y))
 
-    if R:
-        _over_batch(R, 8 * R * D, run)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(R, 8 * R * D, run, LOOKUP_IDS)
     return y
 
 
@@ -732,19 +718,15 @@ def pointwise_lookup_backward(library, kind: str, g, p, y, NA: int, a, NB: int, 
     D = y.shape[-1]
     dA, dB = y.new_zeros(NA, D), y.new_zeros(NB, D)
     function = getattr(library, f"{kind}_lookup_backward_{SUFFIX[y.dtype]}")
-    failed = []
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int) -> int:
         scratch = y.new_empty(D)                      # named: held until C returns
-        failed.append(function(
+        return function(
             ctypes.c_long(b0), ctypes.c_long(b1), ctypes.c_long(Q), ctypes.c_long(L),
             ctypes.c_long(D), *_pointers(y.dtype, g, p, y), ctypes.c_long(NA), _ids(a),
-            ctypes.c_long(NB), _ids(b), *_pointers(y.dtype, dA, dB, scratch)))
+            ctypes.c_long(NB), _ids(b), *_pointers(y.dtype, dA, dB, scratch))
 
-    if Bn:
-        _over_batch(Bn, 4 * Bn * L * D * (Q + 1), run, blocks=members)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(Bn, 4 * Bn * L * D * (Q + 1), run, LOOKUP_IDS, blocks=members)
     return dA, dB
 
 
@@ -765,7 +747,7 @@ def gather_add_forward(library, A, a, B, b):
         _ids(a), *_pointers(A.dtype, B), ctypes.c_long(B.shape[0]), _ids(b),
         *_pointers(A.dtype, out))
     if failed:
-        raise IndexError("index out of range in the projection's lookups")
+        raise IndexError(LOOKUP_IDS)
     return out
 
 
@@ -776,15 +758,11 @@ def gather_add_backward(library, g, NA: int, a, NB: int, b, members: int = 1):
     R, D = g.shape
     dA, dB = g.new_zeros(NA, D), g.new_zeros(NB, D)
     function = getattr(library, f"gather_add_backward_{SUFFIX[g.dtype]}")
-    failed = []
 
-    def run(r0: int, r1: int) -> None:
-        failed.append(function(
+    def run(r0: int, r1: int) -> int:
+        return function(
             ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(D), *_pointers(g.dtype, g),
-            ctypes.c_long(NA), _ids(a), ctypes.c_long(NB), _ids(b), *_pointers(g.dtype, dA, dB)))
+            ctypes.c_long(NA), _ids(a), ctypes.c_long(NB), _ids(b), *_pointers(g.dtype, dA, dB))
 
-    if R:
-        _over_batch(R, 4 * R * D, run, blocks=members)
-    if any(failed):
-        raise IndexError("index out of range in the projection's lookups")
+    _over_batch_checked(R, 4 * R * D, run, LOOKUP_IDS, blocks=members)
     return dA, dB
