@@ -48,7 +48,8 @@ from models.rules.native import (dpfp_features_backward, dpfp_features_forward,
                                  dpfp_projected_kernel_backward, dpfp_projected_kernel_forward,
                                  favor_kernel_forward, favor_projected_backward,
                                  favor_projected_forward, pointwise_backward, pointwise_forward,
-                                 pointwise_lookup_backward, pointwise_lookup_forward, steps)
+                                 pointwise_lookup_backward, pointwise_lookup_features_backward,
+                                 pointwise_lookup_forward, steps)
 
 
 class FeatureMap(nn.Module):
@@ -119,6 +120,39 @@ def pointwise(x: Tensor, kind: str):
     return None if library is None else Pointwise.apply(x, kind, library)
 
 
+class PointwiseLookup(torch.autograd.Function):
+    """phi(k) [M B, L, D] of an elementwise map ("elu_plus_one" or "tanh") for keys given as
+    two row lookups, k_t = columns[values_t] + table[keys_t] (ids [M B, L]), in one C pass
+    each way (csrc/pointwise_impl.h): the keys and their gradient are never [B, L, D] tensors.
+    The floats of ``lookup_sum`` followed by ``Pointwise``, forward and backward; under
+    create_graph the backward is PyTorch ops (as ``Pointwise``)."""
+
+    @staticmethod
+    def forward(ctx, columns, table, values, keys, kind, library, members=1):
+        y = pointwise_lookup_forward(library, kind, columns.contiguous(), values.reshape(-1),
+                                     table.contiguous(), keys.reshape(-1),
+                                     exp_floor(columns.dtype)).view(*values.shape, -1)
+        ctx.save_for_backward(y, values, keys)          # the output: create_graph reaches it
+        ctx.kind, ctx.library, ctx.members = kind, library, members
+        ctx.sizes = (columns.shape[0], table.shape[0])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, values, keys = ctx.saved_tensors
+        y, grad = y.reshape(-1, y.shape[-1]), grad.reshape(-1, y.shape[-1])
+        (NA, NB), ids = ctx.sizes, (values.reshape(-1), keys.reshape(-1))
+        if torch.is_grad_enabled():                                   # create_graph=True
+            slope = y.clamp_max(1.0) if ctx.kind == "elu_plus_one" else 1 - y * y
+            dx = grad * slope
+            return (dx.new_zeros(NA, dx.shape[1]).index_add(0, ids[0], dx),
+                    dx.new_zeros(NB, dx.shape[1]).index_add(0, ids[1], dx),
+                    None, None, None, None, None)
+        d_columns, d_table = pointwise_lookup_features_backward(
+            ctx.library, ctx.kind, y, grad.contiguous(), NA, ids[0], NB, ids[1], ctx.members)
+        return d_columns, d_table, None, None, None, None, None
+
+
 class PointwiseKernel(torch.autograd.Function):
     """phi(q) . phi(k_t) [B, Q, L] of an elementwise map ("elu_plus_one" or "tanh") for keys
     given as two row lookups, k_t = columns[values_t] + table[keys_t] (ids [B, L]), from
@@ -180,6 +214,17 @@ class ElementwiseMap(FeatureMap):
 
     # ``kernel`` takes the retrieval model's keys as tables and ids (models/memory.py)
     kernel_reads_projected_keys = True
+
+    def projected(self, k: ProjectedKeys) -> Tensor:
+        """phi(k) [M B, L, D_k] of keys given as ``ProjectedKeys``, without forming them: the
+        lookups and the map in one C pass each way (``PointwiseLookup``) where the compiled
+        steps run, else phi(k.dense()). The same floats either way."""
+        columns, table, values, keys = k.lookups()
+        library = steps(columns, table)
+        if library is None or values.dtype != torch.int64:
+            return self(k.dense())
+        return PointwiseLookup.apply(columns, table, values.contiguous(), keys.contiguous(),
+                                     self.kind, library, k.members)
 
     def kernel(self, q: Tensor, k: Tensor | ProjectedKeys) -> Tensor:
         """phi(q) . phi(k_t) for every pair, [B, Q, D_k] x [B, L, D_k] -> [B, Q, L]."""

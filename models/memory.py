@@ -104,6 +104,12 @@ def kernel_takes_projected_keys(phi: nn.Module) -> bool:
             and written_together(phi, "kernel_reads_projected_keys", "kernel"))
 
 
+def maps_projected_keys(phi: nn.Module) -> bool:
+    """True if the feature map gives phi(k) of keys given as ``ProjectedKeys`` itself
+    (``projected(k)``, defined in the class that defines its forward)."""
+    return hasattr(phi, "projected") and written_together(phi, "projected", "forward")
+
+
 def written_together(obj, fast: str, *reference: str) -> bool:
     """True if the class that defines obj's method ``fast`` also defines (or inherits) each
     ``reference`` method: a subclass that overrides forward (or read) but not the fast form
@@ -137,17 +143,16 @@ class FastWeightMemory(nn.Module):
         """k [B, L, D_key] or ProjectedKeys, v [B, L, D_v] or OneHot, beta [B, L] or None,
         q [B, Q, D_key] -> [B, Q, D_v]."""
         projected = isinstance(k, ProjectedKeys)
-        if self.use_kernel(v, q.shape[1], k.values.shape[1] if projected else k.shape[1]):
+        L = k.values.shape[1] if projected else k.shape[1]
+        if self.use_kernel(v, q.shape[1], L):
             if projected and not kernel_takes_projected_keys(self.phi):
                 k = k.dense()
             return self.rule.attend_one_hot(self.phi.kernel(q, k), v.ids)
-        if projected:
-            k = k.dense()
-        phi_k = self.normalised(k, self.rule.key_norm, 0.0)
+        phi_k = self.key_features(k)
         phi_q = self.normalised(q, self.rule.query_norm, QUERY_EPS)
-        if self.use_attention(v, q.shape[1], k.shape[1]):
+        if self.use_attention(v, q.shape[1], L):
             return self.rule.attend_one_hot(pair_scores(phi_q, phi_k), v.ids)
-        if self.use_answer(v, q.shape[1], k.shape[1]):
+        if self.use_answer(v, q.shape[1], L):
             return self.rule.answer_one_hot(phi_q, phi_k, v.ids, beta)
         state = write_memory(self.rule, phi_k, v, beta)
         return self.rule.read(state, phi_q)
@@ -187,6 +192,18 @@ class FastWeightMemory(nn.Module):
         return (isinstance(v, OneHot) and hasattr(self.rule, "answer_one_hot") and cheaper is not None
                 and written_together(self.rule, "answer_one_hot", "read", "write_one_hot")
                 and cheaper(num_queries, length))
+
+    def key_features(self, k: Tensor | ProjectedKeys) -> Tensor:
+        """The keys' features, normalised as the rule asks: [B, L, d_dot]. Keys given as
+        ``ProjectedKeys`` are mapped straight from their tables by a map that can
+        (``maps_projected_keys``: ELU + 1, tanh), else formed first."""
+        kind = self.rule.key_norm
+        if isinstance(k, ProjectedKeys):
+            if maps_projected_keys(self.phi) and not (kind == "sum"
+                                                       and hasattr(self.phi, "sum_normalised")):
+                return normalise(self.phi.projected(k), kind, 0.0)
+            k = k.dense()
+        return self.normalised(k, kind, 0.0)
 
     def normalised(self, x: Tensor, kind: str, eps: float) -> Tensor:
         """phi(x) normalised as the rule asks. A map with its own ``sum_normalised`` computes

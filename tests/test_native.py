@@ -685,6 +685,51 @@ def test_stacked_members_gradients_run_a_member_per_thread_with_the_same_floats(
                                  (360, 0, 120), (360, 120, 240), (360, 240, 360)}
 
 
+@pytest.mark.parametrize("name", ["linear", "tanh"])
+def test_elementwise_map_of_projected_keys_is_the_map_of_the_formed_keys(name, monkeypatch,
+                                                                       generator):
+    """``ElementwiseMap.projected`` (PointwiseLookup: the lookups and the map in one C pass each
+    way) gives the floats of phi(k.dense()), forward and backward, for one model and for
+    stacked members on one and three threads; gradcheck in float64, second derivatives under
+    create_graph, and an IndexError for an id outside its table."""
+    from models.feature_maps import PointwiseLookup
+    from models.projection import ProjectedKeys
+    if native.steps(torch.zeros(1)) is None:
+        pytest.skip("no C compiler: the native steps are not built")
+    phi = projected_kernel_maps(name, 16)
+    for members in (1, 3):
+        keys = projected_keys(generator, torch.float32, B=4, L=30, S=20, D=16, E=8,
+                              members=members)
+        weight = torch.randn(4 * members, 30, 16, generator=generator)
+
+        def value_and_grads(features):
+            value = features()
+            return value, *torch.autograd.grad((value * weight).sum(), keys[:4])
+
+        one, split = on_one_and_three_threads(monkeypatch,
+                                              lambda: value_and_grads(lambda: phi.projected(keys)))
+        formed = value_and_grads(lambda: phi(keys.dense()))
+        for a, b, c in zip(one, split, formed):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    keys = projected_keys(generator, torch.float64, B=2, L=5, S=4, D=4, E=3)
+    phi = projected_kernel_maps(name, 4)
+    features = lambda *tables: phi.projected(ProjectedKeys(*tables, *keys[4:]))
+    assert torch.autograd.gradcheck(features, keys[:4])
+    assert torch.autograd.gradgradcheck(features, keys[:4])
+    library = native.steps(torch.zeros(1))
+    tables = [torch.randn(5, 16, requires_grad=True) for _ in range(2)]
+    ids = torch.randint(0, 5, (2, 40))
+    bad = ids.clone()
+    bad[1, 7] = 5
+    for a, k in ((bad, ids), (ids, bad)):
+        with pytest.raises(IndexError):
+            PointwiseLookup.apply(*tables, a, k, phi.kind, library)
+        with pytest.raises(IndexError):
+            native.pointwise_lookup_features_backward(library, phi.kind, torch.rand(80, 16),
+                                                      torch.randn(80, 16), 5, a.flatten(), 5,
+                                                      k.flatten())
+
+
 def short_training_fingerprint() -> list:
     """Losses and parameters after a few steps of each model with compiled steps."""
     sequential = fwm.SEQUENTIAL_STATE_BYTES

@@ -75,6 +75,7 @@ CHECKED_FUNCTIONS = ["gather_add_forward", "gather_add_backward",   # return 1 o
                      "dpfp_projected_kernel_forward", "dpfp_projected_kernel_backward",
                      "elu_plus_one_lookup_forward", "elu_plus_one_lookup_backward",
                      "tanh_lookup_forward", "tanh_lookup_backward",
+                     "elu_plus_one_lookup_features_backward", "tanh_lookup_features_backward",
                      "fwm_chunked_forward", "fwm_chunked_backward",
                      "fwm_sequential_forward", "fwm_sequential_backward"]
 # -fno-trapping-math lets branches on a float compare become selects (no value changes: no
@@ -727,6 +728,27 @@ def pointwise_lookup_backward(library, kind: str, g, p, y, NA: int, a, NB: int, 
             ctypes.c_long(NB), _ids(b), *_pointers(y.dtype, dA, dB, scratch))
 
     _over_batch_checked(Bn, 4 * Bn * L * D * (Q + 1), run, LOOKUP_IDS, blocks=members)
+    return dA, dB
+
+
+def pointwise_lookup_features_backward(library, kind: str, y, g, NA: int, a, NB: int, b,
+                                       members: int = 1):
+    """Gradients (dA [NA, D], dB [NB, D]) of ``pointwise_lookup_forward``'s y [R, D] itself for
+    dLoss/dy = g [R, D]: the floats of ``pointwise_backward`` followed by
+    ``gather_add_backward``, without the [R, D] gradient between them. One thread per member
+    of ``members`` stacked models (as ``dpfp_projected_kernel_backward``)."""
+    R, D = y.shape
+    dA, dB = y.new_zeros(NA, D), y.new_zeros(NB, D)
+    function = getattr(library, f"{kind}_lookup_features_backward_{SUFFIX[y.dtype]}")
+
+    def run(r0: int, r1: int) -> int:
+        scratch = y.new_empty(D)                      # named: held until C returns
+        return function(
+            ctypes.c_long(r0), ctypes.c_long(r1), ctypes.c_long(D), *_pointers(y.dtype, y, g),
+            ctypes.c_long(NA), _ids(a), ctypes.c_long(NB), _ids(b),
+            *_pointers(y.dtype, dA, dB, scratch))
+
+    _over_batch_checked(R, 4 * R * D, run, LOOKUP_IDS, blocks=members)
     return dA, dB
 
 

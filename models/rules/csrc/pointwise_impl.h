@@ -37,8 +37,13 @@ static inline T NAME(tanh_slope)(T y) { return 1 - y * y; }
  *                    as PairScores' backward computes it), dx = dy f'(x) from y,
  *                    dA[a_bt] += dx, dB[b_bt] += dx (gather_add_backward's order). Added into
  *                    dA [NA, D], dB [NB, D] (the caller zeroes them); scratch D.
- * Both return 0, or 1 (nothing written) if an id is outside its table. Nothing of [B L, D]
- * is written back: neither the keys k nor dy nor dk. */
+ *   lookup_features_backward
+ *                    the gradient of lookup_forward's y itself (dLoss/dy = g [B L, D]) to the
+ *                    two tables, for rows r0 <= r < r1: dx = g f'(x) from y, dA[a_r] += dx,
+ *                    dB[b_r] += dx, r ascending: the floats of the map's backward followed by
+ *                    gather_add_backward. Added into dA, dB (the caller zeroes them); scratch D.
+ * All three return 0, or 1 (nothing written) if an id is outside its table. Nothing of
+ * [B L, D] is written back: neither the keys k nor dy nor dk. */
 #define POINTWISE_MAP(map)                                                                      \
 WIDE_VECTOR_CLONES                                                                              \
 void NAME(map##_forward)(long n, T floor, const T *x, T *y) {                                   \
@@ -79,6 +84,20 @@ int NAME(map##_lookup_backward)(long b0, long b1, long Q, long L, long D, const 
             for (long d = 0; d < D; ++d) scratch[d] += gb[j * L] * pb[j * D + d];               \
         for (long d = 0; d < D; ++d) scratch[d] = scratch[d] * NAME(map##_slope)(yr[d]);        \
         NAME(lookup_row_backward)(scratch, dA, a[bt], dB, b[bt], D);                            \
+    }                                                                                           \
+    return 0;                                                                                   \
+}                                                                                               \
+                                                                                                \
+WIDE_VECTOR_CLONES                                                                              \
+int NAME(map##_lookup_features_backward)(long r0, long r1, long D, const T *y, const T *g,      \
+                                         long NA, const int64_t *a, long NB, const int64_t *b, \
+                                         T *dA, T *dB, T *scratch) {                            \
+    FLUSH_DENORMALS;                                                                            \
+    if (NAME(ids_outside)(r1 - r0, NA, a + r0, NB, b + r0)) return 1;                           \
+    for (long r = r0; r < r1; ++r) {                                                            \
+        const T *yr = y + r * D, *gr = g + r * D;                                               \
+        for (long d = 0; d < D; ++d) scratch[d] = gr[d] * NAME(map##_slope)(yr[d]);             \
+        NAME(lookup_row_backward)(scratch, dA, a[r], dB, b[r], D);                              \
     }                                                                                           \
     return 0;                                                                                   \
 }
