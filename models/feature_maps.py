@@ -671,7 +671,8 @@ class FAVORPlus(RandomFeatureMap):
         return FAVORKernel.apply(q, k, self.omega)
 
     @staticmethod
-    def members_kernel(maps: list[FAVORPlus], q: Tensor, k: Tensor | ProjectedKeys) -> Tensor | None:
+    def members_kernel(maps: list[FAVORPlus], q: Tensor,
+                       k: Tensor | ProjectedKeys) -> Tensor | None:
         """The kernel of M stacked members at once (models/stacked.py, ``MemberFeatureMaps``):
         q [M * B, Q, D_k] and keys of M models as ``ProjectedKeys``, member m's rows read with
         maps[m]'s draws; the products batched over the members (``favor_projected_kernel``).

@@ -1,12 +1,12 @@
 """Process-level settings for training processes (the CLI, sweep workers, Ray tasks).
 
-``tune_allocator``: on glibc, every large tensor freed and allocated again each step goes back to the OS and
-page-faults in anew. Serving every allocation from the heap (no mmap, whatever the size) and
-raising the trim threshold keeps that memory in the process: a training step allocates the
-same sizes every time, so the freed blocks are reused as they are. Measured on a 2-core CPU
-(ms per training step, one thread): DPFP-3 at S = 600 from 118 to 62, FAVOR+ 512 at S = 600
-from 697 to 498 (glibc's largest mmap threshold, 32 MB, still left FAVOR's 78 MB tensors
-to mmap).
+``tune_allocator``: on glibc, every large tensor freed and allocated again each step goes
+back to the OS and page-faults in anew. Serving every allocation from the heap (no mmap,
+whatever the size) and raising the trim threshold keeps that memory in the process: a
+training step allocates the same sizes every time, so the freed blocks are reused as they
+are. Measured on a 2-core CPU (ms per training step, one thread): DPFP-3 at S = 600 from 118
+to 62, FAVOR+ 512 at S = 600 from 697 to 498 (glibc's largest mmap threshold, 32 MB, still
+left FAVOR's 78 MB tensors to mmap).
 
 ``bound_openmp_spinning``: idle OpenMP workers spin briefly, not for long, before they sleep
 (measured below).
