@@ -92,6 +92,12 @@ class Identity(FeatureMap):
         return x
 
 
+def slope_from_output(y: Tensor, kind: str) -> Tensor:
+    """f'(x) of an elementwise map from its output y = f(x), as differentiable PyTorch ops (the
+    backwards under create_graph): min(y, 1) for elu + 1, 1 - y^2 for tanh."""
+    return y.clamp_max(1.0) if kind == "elu_plus_one" else 1 - y * y
+
+
 class Pointwise(torch.autograd.Function):
     """An elementwise map ("elu_plus_one" or "tanh") in one C pass each way
     (csrc/pointwise_impl.h); the backward needs only the output: min(y, 1) for elu + 1,
@@ -109,8 +115,7 @@ class Pointwise(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         if torch.is_grad_enabled():                                   # create_graph=True
-            slope = y.clamp_max(1.0) if ctx.kind == "elu_plus_one" else 1 - y * y
-            return grad * slope, None, None
+            return grad * slope_from_output(y, ctx.kind), None, None
         return pointwise_backward(ctx.library, ctx.kind, y, grad.contiguous()), None, None
 
 
@@ -143,8 +148,7 @@ class PointwiseLookup(torch.autograd.Function):
         y, grad = y.reshape(-1, y.shape[-1]), grad.reshape(-1, y.shape[-1])
         (NA, NB), ids = ctx.sizes, (values.reshape(-1), keys.reshape(-1))
         if torch.is_grad_enabled():                                   # create_graph=True
-            slope = y.clamp_max(1.0) if ctx.kind == "elu_plus_one" else 1 - y * y
-            dx = grad * slope
+            dx = grad * slope_from_output(y, ctx.kind)
             return (dx.new_zeros(NA, dx.shape[1]).index_add(0, ids[0], dx),
                     dx.new_zeros(NB, dx.shape[1]).index_add(0, ids[1], dx),
                     None, None, None, None, None)
