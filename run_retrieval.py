@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sum rule without the attention denominator")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--seeds", type=int, default=None,
-                       help="train N seeds (--seed, --seed + 1, ...) together as one vectorised "
-                            "model (training/vectorised.py); each is stored as its own run")
+                       help="train N seeds (--seed, --seed + 1, ...) together: one vectorised "
+                            "model (training/vectorised.py) per worker process, the seeds split "
+                            "between them; each is stored as its own run")
+    train.add_argument("--workers", type=int, default=None,
+                       help="with --seeds: worker processes, one torch thread each unless "
+                            "--threads (default: cores, at most N)")
     train.add_argument("--protocol", choices=("paper", "clean"), default=None)
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)
@@ -81,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores)")
     sweep.add_argument("--vectorise-seeds", action="store_true",
                        help="train the seeds of each configuration together as one vectorised "
-                            "model (one work item per configuration; see training/vectorised.py)")
+                            "model (one work item per configuration, split between workers "
+                            "that would otherwise idle; see training/vectorised.py)")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local")
     sweep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
     sweep.add_argument("--store", default=DEFAULT_STORE)
@@ -212,13 +217,17 @@ def command_train(args) -> int:
 
 
 def train_seeds_command(args, config) -> int:
-    """train --seeds N: the seeds not yet stored (all with --force), trained together."""
+    """train --seeds N: the seeds not yet stored (all with --force), trained together: one
+    vectorised group per worker (``spread_groups``), the first in this process
+    (``run_groups_at_once``)."""
     from training.store import ResultsStore
+    from training.sweep import default_workers, run_groups_at_once, spread_groups
     from training.trainer import summary_line
-    from training.vectorised import check_group, train_seeds
+    from training.vectorised import check_group
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    check_workers(args.workers)
     configs = [config.replace(seed=config.seed + i) for i in range(args.seeds)]
     check_group(configs)
     store = None if args.no_store else ResultsStore(args.store)
@@ -227,11 +236,17 @@ def train_seeds_command(args, config) -> int:
         for c in stored:
             print(f"seed {c.seed}: run {c.run_id} is already in {args.store} (--force reruns it)")
         configs = [c for c in configs if c not in stored]
-    results = train_seeds(configs) if configs else []
-    for result in results:
-        print(summary_line(result))
+    results: list[dict] = []
+
+    def finished(result: dict) -> None:       # stored at once: an interrupt keeps what finished
+        results.append(result)
+        print(summary_line(result), flush=True)
         if store is not None:
             store.put_run(result, replace=args.force)
+
+    if configs:
+        groups = spread_groups([configs], min(args.workers or default_workers(), len(configs)))
+        run_groups_at_once(groups, finished, args.threads or 1)     # in seed order
     if store is not None:
         store.close()
         if results:

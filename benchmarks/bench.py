@@ -21,7 +21,9 @@ Prints and writes to CSV:
 3. Peak RSS of the largest paper runs (50 steps + one evaluation, each in its own process,
    started before anything else runs here); target <= 2 GB.
 4. Five seeds trained together (training/vectorised.py) against one run: wall time of 300
-   protocol steps, each at one and two torch threads; the best of each; target <= 2x.
+   protocol steps, each at one and two torch threads, and the seeds also as `train --seeds`
+   splits them over two processes (seeds 0-2 and 3-4, one thread each); the best of each;
+   target <= 2x.
 5. (full run) one vs two torch threads for single runs.
 
 With ``--original PATH`` (the authors' synthetic/ folder, benchmarks/original.py), the original
@@ -277,46 +279,69 @@ SEED_CONFIGS = [("capacity", 100, "linear", True), ("overwrite", 20, "dpfp1-delt
                 ("capacity", 100, "favor64", False)]
 SEEDS, SEED_STEPS = 5, 300
 SEED_THREADS = (1, 2)
+SEED_WORKERS = 2
 
 
 def seed_rows(quick: bool) -> list[dict]:
     """Wall time of SEED_STEPS protocol steps (evaluations included) for one run (train) and
-    for SEEDS seeds trained together (train_seeds), each at one and at two torch threads (the
-    machine's two cores), best of two; the ratio takes the best of each. Target: <= 2x."""
+    for SEEDS seeds trained together, each at one and at two torch threads (the machine's two
+    cores), best of two: the seeds as one vectorised model in this process (train_seeds), and
+    as `train --seeds` trains them on SEED_WORKERS workers (``spread_groups``: seeds 0-2 in this
+    process and 3-4 in a worker process, one thread each, ``run_groups_at_once``; the worker
+    started and warmed up beforehand, as this process is). The ratio takes the best of each.
+    Target: <= 2x."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from training.sweep import _worker_init, run_group, run_groups_at_once, spread_groups
     from training.trainer import train
     from training.vectorised import train_seeds
 
     rows = []
-    for setting, num_pairs, preset, in_quick in SEED_CONFIGS:
-        if quick and not in_quick:
-            continue
-        config = paper_config(setting, num_pairs, preset).replace(max_steps=SEED_STEPS)
-        group = [config.replace(seed=s) for s in range(SEEDS)]
-        one, together = {}, {}
-        for _ in range(2):
-            for threads in SEED_THREADS:
-                torch.set_num_threads(threads)
+    workers = f"{SEED_WORKERS} processes"
+    with ProcessPoolExecutor(SEED_WORKERS - 1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(1, True)) as pool:
+        for setting, num_pairs, preset, in_quick in SEED_CONFIGS:
+            if quick and not in_quick:
+                continue
+            config = paper_config(setting, num_pairs, preset).replace(max_steps=SEED_STEPS)
+            group = [config.replace(seed=s) for s in range(SEEDS)]
+            parts = spread_groups([group], SEED_WORKERS)
+            for part in parts[1:]:        # the worker's first steps of this configuration
+                pool.submit(run_group, [c.replace(max_steps=2).to_dict() for c in part]).result()
+            one, together = {}, {}
+            for _ in range(2):
+                for threads in SEED_THREADS:
+                    torch.set_num_threads(threads)
+                    start = time.perf_counter()
+                    alone = train(config, progress=False)
+                    one[threads] = min(one.get(threads, math.inf), time.perf_counter() - start)
+                    start = time.perf_counter()
+                    results = train_seeds(group)
+                    together[threads] = min(together.get(threads, math.inf),
+                                            time.perf_counter() - start)
                 start = time.perf_counter()
-                alone = train(config, progress=False)
-                one[threads] = min(one.get(threads, math.inf), time.perf_counter() - start)
-                start = time.perf_counter()
-                results = train_seeds(group)
-                together[threads] = min(together.get(threads, math.inf), time.perf_counter() - start)
-        torch.set_num_threads(1)
-        one_threads, seeds_threads = min(one, key=one.get), min(together, key=together.get)
-        ratio = together[seeds_threads] / one[one_threads]
-        engine = results[0]["versions"]["engine"]
-        stacked = "stacked" if StackedRetrievalModel.supports([make_model(c) for c in group[:2]]) else "vmap"
-        rows.append(dict(config=f"{config.model_label} {setting} S={num_pairs}", one_s=one[one_threads],
-                         seeds_s=together[seeds_threads], ratio=ratio,
-                         engine=(f"{engine} ({stacked}), {seeds_threads} thread(s); one run "
-                                 f"{one_threads} thread(s)"),
-                         one_by_threads=one, seeds_by_threads=together,
-                         steps=min(alone["steps"], *(r["steps"] for r in results))))
-        by_threads = " | ".join(f"{t} thread(s): one {one[t]:5.2f} s, {SEEDS} together "
-                                f"{together[t]:5.2f} s" for t in SEED_THREADS)
-        print(f"  {config.model_label:22s} {setting:9s} S={num_pairs:<4d} {by_threads} ({stacked}) | "
-              f"best {ratio:4.2f}x {verdict(ratio <= SEED_TARGET)}", flush=True)
+                split: list[dict] = []
+                run_groups_at_once(parts, split.append, 1, pool)
+                together[workers] = min(together.get(workers, math.inf), time.perf_counter() - start)
+            torch.set_num_threads(1)
+            one_threads, seeds_engine = min(one, key=one.get), min(together, key=together.get)
+            ratio = together[seeds_engine] / one[one_threads]
+            engine = results[0]["versions"]["engine"]
+            stacked = ("stacked" if StackedRetrievalModel.supports([make_model(c) for c in group[:2]])
+                       else "vmap")
+            how = (f"{engine} ({stacked}), {seeds_engine} thread(s)" if seeds_engine != workers
+                   else f"{' + '.join(str(len(p)) for p in parts)} seeds ({stacked}) on {workers}")
+            rows.append(dict(config=f"{config.model_label} {setting} S={num_pairs}",
+                             one_s=one[one_threads], seeds_s=together[seeds_engine], ratio=ratio,
+                             engine=f"{how}; one run {one_threads} thread(s)",
+                             one_by_threads=one, seeds_by_threads=together,
+                             steps=min(alone["steps"], *(r["steps"] for r in results + split))))
+            by_threads = " | ".join(f"{t} thread(s): one {one[t]:5.2f} s, {SEEDS} together "
+                                    f"{together[t]:5.2f} s" for t in SEED_THREADS)
+            print(f"  {config.model_label:22s} {setting:9s} S={num_pairs:<4d} {by_threads} | "
+                  f"{workers}: {together[workers]:5.2f} s ({stacked}) | "
+                  f"best {ratio:4.2f}x {verdict(ratio <= SEED_TARGET)}", flush=True)
     return rows
 
 
@@ -497,7 +522,9 @@ def main() -> None:
                              **{f"one_run_s_{t}thr": round(row["one_by_threads"][t], 3)
                                 for t in SEED_THREADS},
                              **{f"seeds_s_{t}thr": round(row["seeds_by_threads"][t], 3)
-                                for t in SEED_THREADS}))
+                                for t in SEED_THREADS},
+                             **{f"seeds_s_{SEED_WORKERS}proc":
+                                round(row["seeds_by_threads"][f"{SEED_WORKERS} processes"], 3)}))
 
     if not args.quick:
         print("\n## Threads for a single run (wall)")

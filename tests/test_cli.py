@@ -218,8 +218,35 @@ def test_train_seeds_together_stores_each_seed_and_skips_stored_ones(tmp_path):
     assert sorted(load_runs(store)["seed"]) == [0, 1, 2]
 
 
+def test_train_seeds_on_workers_splits_the_seeds_and_stores_them_in_order(tmp_path):
+    """--seeds 3 --workers 2: seeds 0-1 as one vectorised model in the command's process, seed 2
+    in a worker process; the same runs as --workers 1 trains them up to rounding."""
+    import json
+    from training.store import ResultsStore
+    common = ["train", "--keys", "8", "--feature-map", "linear", "--max-steps", "200", "--quiet",
+              "--seeds", "3"]
+    split = cli(*common, "--workers", "2", "--store", str(tmp_path / "split.sqlite"))
+    assert split.returncode == 0, split.stderr
+    assert [line.split("seed=")[1][0] for line in split.stdout.splitlines() if "seed=" in line] \
+        == ["0", "1", "2"] and "stored 3 runs" in split.stdout
+    whole = cli(*common, "--workers", "1", "--store", str(tmp_path / "whole.sqlite"))
+    assert whole.returncode == 0, whole.stderr
+    with ResultsStore(tmp_path / "split.sqlite") as a, ResultsStore(tmp_path / "whole.sqlite") as b:
+        assert a.run_ids() == b.run_ids() and len(a.run_ids()) == 3
+        for run_id in a.run_ids():
+            x, y = a.get_run(run_id), b.get_run(run_id)
+            assert x["seed"] in (0, 1, 2) and x["steps"] == y["steps"] == 200
+            assert abs(x["final_eval_loss"] - y["final_eval_loss"]) < 1e-4
+        engines = sorted(json.loads(a.get_run(r)["versions"])["engine"] for r in a.run_ids())
+        assert engines == ["sequential", "vectorised x2", "vectorised x2"]
+        assert {json.loads(b.get_run(r)["versions"])["engine"] for r in b.run_ids()} \
+            == {"vectorised x3"}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--keys", "8", "--feature-map", "linear", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--keys", "8", "--feature-map", "linear", "--seeds", "2", "--workers", "0"],
+     "--workers must be >= 1"),
     (["--setting", "mqar", "--keys", "4", "--feature-map", "linear", "--seeds", "2"],
      "capacity and overwrite"),
 ])

@@ -121,6 +121,50 @@ def test_vectorised_sweep_trains_seeds_together_and_resumes(tmp_path):
     assert sorted(engines.values()).count("vectorised x2") == len(sweep.runs) - 2
 
 
+def test_spread_groups_splits_the_largest_while_workers_would_idle():
+    from training.config import RunConfig
+    from training.sweep import spread_groups
+    five = [RunConfig(num_pairs=8, seed=s) for s in range(5)]
+    other = [RunConfig(num_pairs=6, seed=s) for s in range(2)]
+    seeds = lambda groups: [[c.seed for c in group] for group in groups]
+    assert seeds(spread_groups([five], 1)) == [[0, 1, 2, 3, 4]]
+    assert seeds(spread_groups([five], 2)) == [[0, 1, 2], [3, 4]]
+    assert seeds(spread_groups([five], 4)) == [[0], [1], [2], [3, 4]]
+    assert seeds(spread_groups([five], 9)) == [[0], [1], [2], [3], [4]]
+    assert seeds(spread_groups([five, other], 2)) == [[0, 1, 2, 3, 4], [0, 1]]   # enough items
+    assert seeds(spread_groups([other, five], 3)) == [[0, 1], [0, 1, 2], [3, 4]]
+    assert spread_groups([], 2) == []
+
+
+def test_vectorised_sweep_splits_a_lone_group_between_the_workers(tmp_path):
+    """One configuration's three seeds on two workers: seeds 0-1 as one vectorised model, seed 2
+    as a run of its own, each stored as the run that training it alone at one thread gives."""
+    from training.trainer import train
+    from training.vectorised import train_seeds
+    spec = write_spec(tmp_path, text=TINY_SPEC.format(steps=100).replace("num_pairs = [6, 8]",
+                                                                          "num_pairs = [6]")
+                      .replace("seeds = 2", "seeds = 3").split("[[models]]\nfeature_map")[0])
+    sweep = load_spec(spec)
+    assert len(sweep.runs) == 3
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        counts = run_sweep(sweep, store, workers=2, progress=False, vectorise_seeds=True)
+        assert counts["ran"] == 3
+        stored = {c.seed: store.get_run(c.run_id) for c in sweep.runs}
+        curves = {c.seed: store.curve(c.run_id) for c in sweep.runs}
+    engines = {seed: json.loads(run["versions"])["engine"] for seed, run in stored.items()}
+    assert engines == {0: "vectorised x2", 1: "vectorised x2", 2: "sequential"}
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = train_seeds(sweep.runs[:2]) + [train(sweep.runs[2], progress=False)]
+    finally:
+        torch.set_num_threads(threads)
+    for seed, result in enumerate(expected):
+        assert [tuple(point) for point in result["curve"]] == curves[seed]       # bitwise
+        assert stored[seed]["best_eval_loss"] == result["best_eval_loss"]
+
+
 def cli_sweep(spec, store, *extra, **popen):
     command = [sys.executable, os.path.join(ROOT, "run_retrieval.py"), "sweep", "--spec", str(spec),
                "--store", str(store), "--quiet", *extra]

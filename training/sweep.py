@@ -250,6 +250,25 @@ def seed_groups(pending: list[RunConfig], vectorise: bool) -> list[list[RunConfi
     return list(groups.values())
 
 
+def spread_groups(groups: list[list[RunConfig]], workers: int) -> list[list[RunConfig]]:
+    """The work items split until there are at least ``workers`` of them where they can be:
+    while fewer, the largest group (the first of equal ones) becomes its first and second
+    halves, in seed order. Five seeds of one configuration on two workers train as seeds
+    0-2 and 3-4, each part one vectorised model in its own process. Two processes share a
+    step's Python as well as its arithmetic: on the 2-core CPU five Linear S = 100 seeds took
+    0.92 s for 300 steps this way, against 1.47 s as one model on two threads (one run:
+    0.52 s). More groups than workers are left whole."""
+    groups = list(groups)
+    while len(groups) < workers:
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]), default=None)
+        if largest is None or len(groups[largest]) < 2:
+            break
+        group = groups[largest]
+        half = (len(group) + 1) // 2
+        groups[largest:largest + 1] = [group[:half], group[half:]]
+    return groups
+
+
 def pending_runs(sweep: Sweep, store: ResultsStore) -> list[RunConfig]:
     """The sweep's runs not yet in the store (or stored as failed: tried again), each once,
     largest first (better load balance)."""
@@ -271,7 +290,8 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
     skipped (counted in "skipped" and "already_done"), so sweeps may share a store.
 
     vectorise_seeds: the runs that differ only in seed train together as one vectorised model
-    (one work item; results equal separate runs up to rounding, see training/vectorised.py)."""
+    (one work item, split in parts while there are fewer items than workers: ``spread_groups``;
+    results equal separate runs up to rounding, see training/vectorised.py)."""
     from tqdm.auto import tqdm
 
     from training.trainer import summary_line
@@ -322,7 +342,7 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
     try:
         groups = seed_groups(pending, vectorise_seeds)
         if backend == "local":
-            _run_local(groups, workers, finished, still_pending)
+            _run_local(spread_groups(groups, workers), workers, finished, still_pending)
         elif backend == "ray":
             _run_ray(groups, ray_address, finished, still_pending)
         else:
@@ -377,6 +397,49 @@ def _run_local(groups: list[list[RunConfig]], workers: int, finished, still_pend
     pool.shutdown()
 
 
+def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1,
+                       pool=None) -> None:
+    """Train every group at the same time: the first in this process, each other one in a
+    worker process (``pool``'s, else a new spawned one), with ``threads`` torch threads each;
+    finished(record) for every run, this process's group first. A command that trains a few
+    groups then waits for the start of one worker (about 2 s: torch's import), not of all. A
+    single group runs here with this process's threads as they are."""
+    import torch
+
+    if len(groups) == 1:
+        for result in run_group([c.to_dict() for c in groups[0]]):
+            finished(result)
+        return
+    own_pool = pool is None
+    if own_pool:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(len(groups) - 1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(threads, True))
+    try:
+        futures = [pool.submit(run_group, [c.to_dict() for c in group]) for group in groups[1:]]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            here = run_group([c.to_dict() for c in groups[0]])
+        finally:
+            torch.set_num_threads(previous)
+        for result in here:
+            finished(result)
+        for future in futures:
+            for result in future.result():
+                finished(result)
+    except BaseException:
+        if own_pool:                  # as _run_local: stop the workers now
+            processes = list((pool._processes or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+        raise
+    if own_pool:
+        pool.shutdown()
+
+
 def _run_ray(groups: list[list[RunConfig]], address: str | None, finished, still_pending) -> None:
     try:
         import ray
@@ -402,7 +465,7 @@ def _run_ray(groups: list[list[RunConfig]], address: str | None, finished, still
     # Keep every CPU of the cluster busy plus a few tasks queued (their demand is what makes an
     # autoscaling cluster grow; the CPU count is read again as tasks finish) and hand out the
     # rest as tasks finish, skipping runs stored meanwhile by another process, as locally.
-    queue = iter(groups)
+    queue = iter(spread_groups(groups, max(1, int(ray.cluster_resources().get("CPU", 1)))))
     remaining: list = []
 
     def top_up() -> None:
