@@ -389,12 +389,17 @@ def _run_local(groups: list[list[RunConfig]], workers: int, finished, still_pend
     except BaseException:
         # Ctrl-C or an error: stop now. Runs in flight are lost (never half-stored) and rerun
         # on resume; waiting for them could take hours.
-        processes = list((pool._processes or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
+        _stop_workers(pool)
         raise
     pool.shutdown()
+
+
+def _stop_workers(pool) -> None:
+    """Shut a process pool down without waiting for its work: its processes are terminated."""
+    processes = list((pool._processes or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1,
@@ -431,10 +436,7 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
                 finished(result)
     except BaseException:
         if own_pool:                  # as _run_local: stop the workers now
-            processes = list((pool._processes or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.terminate()
+            _stop_workers(pool)
         raise
     if own_pool:
         pool.shutdown()
