@@ -199,6 +199,8 @@ def command_train(args) -> int:
         torch.set_num_threads(args.threads)
     if args.seeds is not None:
         return train_seeds_command(args, config)
+    if args.workers is not None:
+        raise UsageError("--workers needs --seeds (a single run trains in this process)")
     store = None
     if not args.no_store:
         store = ResultsStore(args.store)  # opened (and checked) before training starts

@@ -247,6 +247,7 @@ def test_train_seeds_on_workers_splits_the_seeds_and_stores_them_in_order(tmp_pa
     (["--keys", "8", "--feature-map", "linear", "--seeds", "0"], "--seeds must be >= 1"),
     (["--keys", "8", "--feature-map", "linear", "--seeds", "2", "--workers", "0"],
      "--workers must be >= 1"),
+    (["--keys", "8", "--feature-map", "linear", "--workers", "2"], "--workers needs --seeds"),
     (["--setting", "mqar", "--keys", "4", "--feature-map", "linear", "--seeds", "2"],
      "capacity and overwrite"),
 ])

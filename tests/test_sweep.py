@@ -165,6 +165,41 @@ def test_vectorised_sweep_splits_a_lone_group_between_the_workers(tmp_path):
         assert stored[seed]["best_eval_loss"] == result["best_eval_loss"]
 
 
+def test_groups_at_once_hand_on_the_workers_results_when_interrupted(monkeypatch):
+    """Ctrl-C while this process still trains its group: a worker's group that finished
+    meanwhile is handed to finished() before the interrupt goes on, not lost."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import training.vectorised
+    from training.config import RunConfig
+    from training.sweep import _worker_init, run_groups_at_once
+
+    here = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (0, 1)]
+    there = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (2, 3)]
+    submitted = []
+
+    class Recording(ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            submitted.append(super().submit(*args, **kwargs))
+            return submitted[-1]
+
+    def interrupted_here(configs, log=None):  # this process only: the worker trains for real
+        deadline = time.monotonic() + 240
+        while not all(f.done() for f in submitted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.vectorised, "train_seeds", interrupted_here)
+    finished = []
+    with Recording(1, mp_context=multiprocessing.get_context("spawn"),
+                   initializer=_worker_init, initargs=(1,)) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            run_groups_at_once([here, there], finished.append, 1, pool)
+    assert [r["config"]["seed"] for r in finished] == [2, 3]
+    assert all(r["status"] == "done" and r["steps"] == 20 for r in finished)
+
+
 def cli_sweep(spec, store, *extra, **popen):
     command = [sys.executable, os.path.join(ROOT, "run_retrieval.py"), "sweep", "--spec", str(spec),
                "--store", str(store), "--quiet", *extra]

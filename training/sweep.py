@@ -279,7 +279,12 @@ def pending_runs(sweep: Sweep, store: ResultsStore) -> list[RunConfig]:
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (its CPU affinity, which containers and schedulers
+    set), else the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):          # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, backend: str = "local",
@@ -421,6 +426,13 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(len(groups) - 1, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_worker_init, initargs=(threads, True))
+    futures, handed = [], set()
+
+    def hand(future) -> None:
+        handed.add(future)
+        for result in future.result():
+            finished(result)
+
     try:
         futures = [pool.submit(run_group, [c.to_dict() for c in group]) for group in groups[1:]]
         previous = torch.get_num_threads()
@@ -432,9 +444,14 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
         for result in here:
             finished(result)
         for future in futures:
-            for result in future.result():
-                finished(result)
+            hand(future)
     except BaseException:
+        # Ctrl-C or an error: the workers' groups that finished meanwhile are handed on, not
+        # lost with the ones still running.
+        for future in futures:
+            if (future not in handed and future.done() and not future.cancelled()
+                    and future.exception() is None):
+                hand(future)
         if own_pool:                  # as _run_local: stop the workers now
             _stop_workers(pool)
         raise
