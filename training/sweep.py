@@ -429,8 +429,9 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
     futures, handed = [], set()
 
     def hand(future) -> None:
+        results = future.result()         # an interrupt while waiting leaves it unhanded
         handed.add(future)
-        for result in future.result():
+        for result in results:
             finished(result)
 
     try:
