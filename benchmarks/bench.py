@@ -290,17 +290,13 @@ def seed_rows(quick: bool) -> list[dict]:
     process and 3-4 in a worker process, one thread each, ``run_groups_at_once``; the worker
     started and warmed up beforehand, as this process is). The ratio takes the best of each.
     Target: <= 2x."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from training.sweep import _worker_init, run_group, run_groups_at_once, spread_groups
+    from training.sweep import run_group, run_groups_at_once, spread_groups, worker_pool
     from training.trainer import train
     from training.vectorised import train_seeds
 
     rows = []
     workers = f"{SEED_WORKERS} processes"
-    with ProcessPoolExecutor(SEED_WORKERS - 1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(1, True)) as pool:
+    with worker_pool(SEED_WORKERS - 1) as pool:
         for setting, num_pairs, preset, in_quick in SEED_CONFIGS:
             if quick and not in_quick:
                 continue

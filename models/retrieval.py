@@ -126,10 +126,13 @@ def target_losses(y: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * error.pow(2).sum(-1)
 
 
-def masked_mean(losses: Tensor, mask: Tensor) -> Tensor:
-    """Mean of losses [B, Q] over the real queries (mask True)."""
+def masked_mean(losses: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Mean of losses [B, Q] over the real queries (mask True); over the dimensions ``dim``
+    alone if given (stacked members' losses [M, B, Q] with dim (1, 2): one mean each)."""
     mask = mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum()
+    if dim is None:
+        return (losses * mask).sum() / mask.sum()
+    return (losses * mask).sum(dim) / mask.sum(dim)
 
 
 def build_model(num_pairs: int, feature_map: str, rule: str, d_key: int = 64,

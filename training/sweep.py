@@ -357,6 +357,17 @@ def run_sweep(sweep: Sweep, store: ResultsStore, workers: int | None = None, bac
     return counts
 
 
+def worker_pool(workers: int, threads: int = 1):
+    """A pool of ``workers`` local worker processes of ``threads`` torch threads each, which
+    exit if this process is killed. Spawned: a forked child would inherit the parent's OpenMP
+    thread pool in an unusable state."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads, True))
+
+
 def _run_local(groups: list[list[RunConfig]], workers: int, finished, still_pending) -> None:
     if workers == 1:
         for group in groups:
@@ -365,13 +376,9 @@ def _run_local(groups: list[list[RunConfig]], workers: int, finished, still_pend
                 for result in run_group([c.to_dict() for c in group]):
                     finished(result)
         return
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                               initargs=(1, True))
+    pool = worker_pool(workers)
     queue = iter(groups)
 
     def submit_next(in_flight: set) -> None:
@@ -422,10 +429,7 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
         return
     own_pool = pool is None
     if own_pool:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        pool = ProcessPoolExecutor(len(groups) - 1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(threads, True))
+        pool = worker_pool(len(groups) - 1, threads)
     futures, handed = [], set()
 
     def hand(future) -> None:

@@ -27,7 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from models.memory import per_call_features
 from models.stacked import StackedRetrievalModel
-from models.retrieval import target_losses
+from models.retrieval import masked_mean, target_losses
 from training.config import ConfigError, RunConfig
 from training.trainer import RunRecord, _Unbuilt, make_optimizer, make_task, seed_streams
 
@@ -60,9 +60,7 @@ def member_losses(y: torch.Tensor, ids: dict) -> torch.Tensor:
     """Each member's training loss, y [M, B, Q, S] and stacked batches -> [M]: the mean query
     loss over its real queries (``retrieval_losses`` and ``masked_mean`` of every member at
     once)."""
-    losses = target_losses(y, ids["targets"])                                # [M, B, Q]
-    mask = ids["query_mask"].to(losses.dtype)
-    return (losses * mask).sum((1, 2)) / mask.sum((1, 2))
+    return masked_mean(target_losses(y, ids["targets"]), ids["query_mask"], (1, 2))
 
 
 def _rebuild(example, tensors: dict):
