@@ -96,3 +96,40 @@ def test_lean_adam_in_training_matches_fused_adam():
         results.append([p.detach().clone() for p in model.parameters()])
     assert isinstance(make_optimizer([torch.zeros(1, requires_grad=True)], 1e-3), LeanAdam)
     assert _same(*results)
+
+
+def test_training_with_lean_adam_never_imports_dynamo():
+    """torch.optim imports torch._dynamo on the first step, zero_grad and add_param_group
+    (about 1 s of every training process's start); LeanAdam's first steps do not, and its state
+    after them is torch's (the test above)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch\n"
+            "from training.config import RunConfig\n"
+            "from training.trainer import train\n"
+            "from training.vectorised import train_seeds\n"
+            "train(RunConfig(num_pairs=6, max_steps=5), progress=False)\n"
+            "train_seeds([RunConfig(num_pairs=6, max_steps=5, seed=s) for s in (0, 1)])\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_lean_adam_first_step_takes_torchs_path_where_the_short_way_does_not_apply():
+    """A first step with a parameter lacking its gradient: torch's own step creates the state
+    (only for the parameters it updates), then later steps go the short way, bitwise as torch."""
+    ours, theirs = _pairs(2)
+    lean = LeanAdam(ours, lr=1e-2)
+    fused = torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    for step in range(4):
+        for params, opt in ((ours, lean), (theirs, fused)):
+            opt.zero_grad(set_to_none=True)
+            _set_grads(params, 20 + step, skip=(2,) if step == 0 else ())
+            opt.step()
+        assert _same(ours, theirs), step
+    assert lean._lists is not None

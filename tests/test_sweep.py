@@ -200,6 +200,44 @@ def test_groups_at_once_hand_on_the_workers_results_when_interrupted(monkeypatch
     assert all(r["status"] == "done" and r["steps"] == 20 for r in finished)
 
 
+def test_groups_at_once_train_here_what_no_worker_has_started():
+    """A worker still starting (here: asleep for minutes) when this process is free again: its
+    group is trained here instead, without waiting for it, and gives the floats it would have
+    (bitwise those of the group trained alone at one thread); the worker, once up, finds the
+    group claimed and trains nothing."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    from training.config import RunConfig
+    from training.sweep import _stop_workers, run_claimed_group, run_groups_at_once, run_group
+
+    here = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (0, 1)]
+    stolen = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (2, 3)]
+    finished = []
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=time.sleep, initargs=(300,))
+    start = time.monotonic()
+    try:
+        run_groups_at_once([here, stolen], finished.append, 1, pool)
+        elapsed = time.monotonic() - start
+    finally:
+        _stop_workers(pool)
+    assert elapsed < 120                                      # the worker's sleep: 300 s
+    assert [r["config"]["seed"] for r in finished] == [0, 1, 2, 3]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = run_group([c.to_dict() for c in stolen])
+    finally:
+        torch.set_num_threads(threads)
+    for result, alone in zip(finished[2:], expected):
+        assert result["status"] == "done" and result["curve"] == alone["curve"]
+    # the claims folder is gone once the command is done: a late worker trains nothing
+    assert run_claimed_group(os.path.join(ROOT, "no-such-claims-folder"), 1, [here[0].to_dict()]) is None
+
+
 def cli_sweep(spec, store, *extra, **popen):
     command = [sys.executable, os.path.join(ROOT, "run_retrieval.py"), "sweep", "--spec", str(spec),
                "--store", str(store), "--quiet", *extra]

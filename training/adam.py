@@ -7,12 +7,19 @@ device before one ``torch._fused_adam_`` call. On the 2-core CPU, Linear S = 100
 parameter tensors, 57K floats) took 200-270 us per ``step()`` against 75-100 us for the kernel
 call alone, out of a 2-3 ms training step.
 
-``LeanAdam`` is that optimiser. Its first step, and any step it cannot take the short way
-(a closure, hooks, a parameter without a gradient, several groups, devices or dtypes, options
-the short way does not pass), is ``torch.optim.Adam.step`` itself; afterwards it keeps the
-lists and makes the same two calls as ``torch.optim.adam._fused_adam`` (step counts + 1, then
-the kernel), so the parameters and state are bitwise those of ``torch.optim.Adam(fused=True)``
-(tests/test_adam.py). ``zero_grad(set_to_none=True)`` likewise just drops the gradients.
+``LeanAdam`` is that optimiser. Any step it cannot take the short way (a closure, hooks, a
+parameter without a gradient, several groups, devices or dtypes, options the short way does
+not pass) is ``torch.optim.Adam.step`` itself; otherwise it keeps the lists and makes the same
+two calls as ``torch.optim.adam._fused_adam`` (step counts + 1, then the kernel), so the
+parameters and state are bitwise those of ``torch.optim.Adam(fused=True)`` (tests/test_adam.py).
+Its first step creates the state as ``Adam._init_group`` does (zeros, a float32 step count)
+before the same two calls. ``zero_grad(set_to_none=True)`` likewise just drops the gradients.
+
+None of this imports torch._dynamo, which torch.optim's step, ``zero_grad`` and
+``add_param_group`` do on their first call (to keep torch.compile out of them): about 1 s, the
+largest part of a short run's start-up (a worker's first two Linear seeds at S = 8, 50 steps:
+1.13 s against 0.06 s for the next two). ``add_param_group`` runs the function under that
+decorator (``__wrapped__``), the same code.
 """
 from __future__ import annotations
 
@@ -36,8 +43,9 @@ class LeanAdam(torch.optim.Adam):
         super().__init__(params, lr=lr, fused=True, **options)
         self._lists: tuple[list[Tensor], ...] | None = None
 
-    def _short_lists(self) -> tuple[list[Tensor], ...] | None:
-        """(params, exp_avgs, exp_avg_sqs, steps) when the short way applies, else None."""
+    def _short_lists(self, initialise: bool = False) -> tuple[list[Tensor], ...] | None:
+        """(params, exp_avgs, exp_avg_sqs, steps) when the short way applies, else None.
+        initialise: a state that no parameter has yet is created first (the first step)."""
         if len(self.param_groups) != 1:
             return None
         group = self.param_groups[0]
@@ -48,11 +56,29 @@ class LeanAdam(torch.optim.Adam):
         params = list(group["params"])
         if not params or len({(p.device, p.dtype) for p in params}) != 1:
             return None
+        if initialise and not any(self.state.get(p) for p in params):
+            if not self._initialise(params):
+                return None
         states = [self.state.get(p, {}) for p in params]
         if any("exp_avg" not in s for s in states):
             return None
         return (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states])
+
+    def _initialise(self, params: list[Tensor]) -> bool:
+        """The state of ``Adam._init_group`` for fused Adam (a float32 step count, zero
+        averages) for params that all have dense real floating-point gradients on a device the
+        fused kernel runs on; False (nothing created) otherwise: torch's step then creates it,
+        and raises what it raises."""
+        if any(p.grad is None or p.grad.is_sparse or not p.is_floating_point()
+               or p.device.type not in ("cpu", "cuda") for p in params):
+            return False
+        for p in params:
+            self.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return True
 
     def _hooked(self) -> bool:
         return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
@@ -64,9 +90,13 @@ class LeanAdam(torch.optim.Adam):
         return loss
 
     def step(self, closure=None):
-        lists = self._lists
-        if closure is not None or lists is None or self._hooked():
+        if closure is not None or self._hooked():
             return self._full_step(closure)
+        lists = self._lists
+        if lists is None:
+            lists = self._lists = self._short_lists(initialise=True)
+            if lists is None:
+                return self._full_step()
         params, exp_avgs, exp_avg_sqs, steps = lists
         grads = [p.grad for p in params]
         if any(g is None or g.is_sparse for g in grads):
@@ -84,14 +114,16 @@ class LeanAdam(torch.optim.Adam):
     step.hooked = True                                # Optimizer: do not wrap it again
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none or self._lists is None:
+        if not set_to_none:
             return super().zero_grad(set_to_none)
-        for p in self._lists[0]:
-            p.grad = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        self._lists = None                            # taken again after the next full step
+        add = Optimizer.add_param_group
+        getattr(add, "__wrapped__", add)(self, param_group)      # without torch._dynamo
+        self._lists = None                            # taken again at the next step
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

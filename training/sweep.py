@@ -416,12 +416,18 @@ def _stop_workers(pool) -> None:
 
 def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1,
                        pool=None) -> None:
-    """Train every group at the same time: the first in this process, each other one in a
-    worker process (``pool``'s, else a new spawned one), with ``threads`` torch threads each;
-    finished(record) for every run, this process's group first. A command that trains a few
-    groups then waits for the start of one worker (about 2 s: torch's import), not of all. A
-    single group runs here with this process's threads as they are."""
-    import torch
+    """Train every group at the same time: the first in this process, each other one in a worker
+    process (``pool``'s, else a new spawned one), with ``threads`` torch threads each;
+    finished(record) for every run, group by group in their order. A single group runs here
+    with this process's threads as they are.
+
+    A group that no worker has started by the time this process is free again is trained here
+    instead (each group goes to whichever process claims it first: ``run_claimed_group``): a
+    worker's start takes about 1.3 s (torch's import), and a short command does not wait for
+    it to train what this process has time for. Once every group is in, the workers are
+    stopped, not joined (torch's teardown at a worker's exit took about 0.6 s)."""
+    import shutil
+    import tempfile
 
     if len(groups) == 1:
         for result in run_group([c.to_dict() for c in groups[0]]):
@@ -430,6 +436,7 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
     own_pool = pool is None
     if own_pool:
         pool = worker_pool(len(groups) - 1, threads)
+    claims = tempfile.mkdtemp(prefix="fwr-claims-")
     futures, handed = [], set()
 
     def hand(future) -> None:
@@ -439,29 +446,59 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
             finished(result)
 
     try:
-        futures = [pool.submit(run_group, [c.to_dict() for c in group]) for group in groups[1:]]
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            here = run_group([c.to_dict() for c in groups[0]])
-        finally:
-            torch.set_num_threads(previous)
-        for result in here:
-            finished(result)
-        for future in futures:
-            hand(future)
+        futures = [pool.submit(run_claimed_group, claims, index, [c.to_dict() for c in group])
+                   for index, group in enumerate(groups[1:], start=1)]
+        for index, group in enumerate(groups):
+            if index and not _claim(claims, index):
+                hand(futures[index - 1])                    # a worker claimed it first
+                continue
+            for result in _run_group_with_threads(group, threads):
+                finished(result)
     except BaseException:
         # Ctrl-C or an error: the workers' groups that finished meanwhile are handed on, not
         # lost with the ones still running.
         for future in futures:
             if (future not in handed and future.done() and not future.cancelled()
-                    and future.exception() is None):
+                    and future.exception() is None and future.result() is not None):
                 hand(future)
         if own_pool:                  # as _run_local: stop the workers now
             _stop_workers(pool)
         raise
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
     if own_pool:
-        pool.shutdown()
+        # Every group is in: the workers are stopped rather than waited for (a worker still
+        # starting, or torch's teardown at a worker's exit, about 0.6 s).
+        _stop_workers(pool)
+
+
+def _run_group_with_threads(group: list[RunConfig], threads: int) -> list[dict]:
+    """run_group in this process at ``threads`` torch threads (its own count put back after)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run_group([c.to_dict() for c in group])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_claimed_group(claims: str, index: int, config_dicts: list[dict]) -> list[dict] | None:
+    """A worker's side of ``run_groups_at_once``: run_group if this process claims work item
+    ``index`` first, else None (another process trains it)."""
+    return run_group(config_dicts) if _claim(claims, index) else None
+
+
+def _claim(claims: str, index: int) -> bool:
+    """True for the first process to ask for work item ``index`` of the folder ``claims``
+    (an exclusive create: atomic between the processes of one machine); False for every later
+    one, and once the folder is gone (its command has finished or stopped)."""
+    try:
+        os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except (FileExistsError, FileNotFoundError):
+        return False
+    return True
 
 
 def _run_ray(groups: list[list[RunConfig]], address: str | None, finished, still_pending) -> None:
