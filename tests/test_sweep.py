@@ -238,6 +238,20 @@ def test_groups_at_once_train_here_what_no_worker_has_started():
     assert run_claimed_group(os.path.join(ROOT, "no-such-claims-folder"), 1, [here[0].to_dict()]) is None
 
 
+def test_local_worker_leaves_without_teardown_after_flushing_its_output():
+    """``_exit_without_teardown`` (a local worker's exit): the output written so far comes out
+    and the process ends with status 0 before the exit handlers registered earlier (the
+    interpreter's teardown) run."""
+    code = ("import atexit\n"
+            "from training.sweep import _exit_without_teardown\n"
+            "atexit.register(print, 'teardown ran')\n"
+            "_exit_without_teardown()\n"
+            "print('trained', end='')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert (out.returncode, out.stdout) == (0, "trained"), out.stderr
+
+
 def cli_sweep(spec, store, *extra, **popen):
     command = [sys.executable, os.path.join(ROOT, "run_retrieval.py"), "sweep", "--spec", str(spec),
                "--store", str(store), "--quiet", *extra]
