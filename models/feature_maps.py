@@ -667,7 +667,7 @@ class FAVORPlus(RandomFeatureMap):
         ``ProjectedKeys`` are projected as their two tables (``favor_projected_kernel``)."""
         plain = self.omega.requires_grad or torch._C._are_functorch_transforms_active()
         if isinstance(k, ProjectedKeys):
-            if not plain and k.columns.shape[0] == 1:
+            if not plain and k.members == 1:
                 return favor_projected_kernel(q, k, self.omega)
             k = k.dense()
         if plain:

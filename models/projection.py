@@ -65,9 +65,9 @@ class ProjectedKeys(NamedTuple):
     tables per member, M = 1 for a single model), kept as tables and ids: columns [M, S, D];
     the table as its factors, table = bias + embedding weight^T (embedding [M, S, E], weight
     [M, D, E], the projection's embedding part, bias [M, D]; a single model passes its own
-    [S, E], [D, E] and [D] tensors, so that their gradients arrive whole rather than as views
-    of [1, ...] ones); values, keys [M * B, L] ids, member m's sequences at rows
-    m B .. (m + 1) B - 1.
+    [S, D], [S, E], [D, E] and [D] tensors, so that their gradients arrive whole rather than
+    through views of [1, ...] ones, four fewer operations each way in its training step);
+    values, keys [M * B, L] ids, member m's sequences at rows m B .. (m + 1) B - 1.
 
     ``dense()`` forms the keys [M * B, L, D] (the lookups, for any memory); ``scores(q)`` gives
     q . k_t without them (for a memory that reads ``projected keys``: softmax attention)."""
@@ -82,7 +82,12 @@ class ProjectedKeys(NamedTuple):
     @property
     def members(self) -> int:
         """M, the stacked models whose tables these are."""
-        return self.columns.shape[0]
+        return 1 if self.columns.dim() == 2 else self.columns.shape[0]
+
+    @property
+    def stacked_columns(self) -> Tensor:
+        """The columns as [M, S, D] (a single model's [S, D] as [1, S, D])."""
+        return self.columns[None] if self.columns.dim() == 2 else self.columns
 
     @property
     def table(self) -> Tensor:
@@ -94,13 +99,19 @@ class ProjectedKeys(NamedTuple):
     def lookups(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(columns, table, values, keys) such that k_t = columns[values_t] + table[keys_t]:
         the flattened [M * S, D] tables and the [M * B, L] ids, each member's shifted to its
-        rows (the form the kernels that read projected keys take)."""
-        M, S, D = self.columns.shape
+        rows (the form the kernels that read projected keys take). A single model's own 2-D
+        tensors are used as they are."""
+        M, (S, D) = self.members, self.columns.shape[-2:]
         values, keys = self.values, self.keys
         if M > 1:
             member = torch.arange(M, device=values.device).repeat_interleave(values.shape[0] // M)
             values, keys = values + S * member[:, None], keys + S * member[:, None]
-        return self.columns.reshape(M * S, D), self.table.reshape(M * S, D), values, keys
+        columns = self.columns if self.columns.dim() == 2 else self.columns.reshape(M * S, D)
+        if self.embedding.dim() == 2:
+            table = torch.addmm(self.bias, self.embedding, self.weight.T)        # [S, D]
+        else:
+            table = self.table.reshape(M * S, D)
+        return columns, table, values, keys
 
     def dense(self) -> Tensor:
         """The keys [M * B, L, D]: ``lookup_sum`` over the flattened tables (``lookups``)."""
@@ -111,7 +122,7 @@ class ProjectedKeys(NamedTuple):
     def reads_factors(self, num_queries: int) -> bool:
         """Whether ``scores`` of num_queries queries per member reads the table's factors
         (N D E + N E S multiply-adds) rather than the table (S E D + N D S)."""
-        _, S, D = self.columns.shape
+        S, D = self.columns.shape[-2:]
         E, N = self.embedding.shape[-1], num_queries
         return N * E * (D + S) < S * E * D + N * D * S
 
@@ -125,7 +136,8 @@ class ProjectedKeys(NamedTuple):
         multiply-adds, or from its factors, q . b + (q W) E^T, N D E + N E S: the factors
         where they cost less, which is when N (D + S) < S D roughly (training's one query per
         sequence at S >= 100; not evaluation's S queries)."""
-        M, S, D = self.columns.shape
+        columns = self.stacked_columns
+        M, S, D = columns.shape
         MB, Q, _ = q.shape
         L = self.values.shape[1]
         N = MB // M * Q
@@ -141,10 +153,10 @@ class ProjectedKeys(NamedTuple):
                 by_table = torch.baddbmm(torch.bmm(self.bias[:, None, :], columns_q),
                                          self.embedding,
                                          torch.bmm(self.weight.transpose(1, 2), columns_q))
-            products = torch.cat([torch.bmm(self.columns, columns_q), by_table], dim=1)
+            products = torch.cat([torch.bmm(columns, columns_q), by_table], dim=1)
             products = products.transpose(1, 2).contiguous()                    # [M, N, 2 S]
         else:
-            tables = torch.cat([self.columns, self.table], dim=1)               # [M, 2 S, D]
+            tables = torch.cat([columns, self.table], dim=1)                    # [M, 2 S, D]
             products = torch.bmm(queries, tables.transpose(1, 2))               # [M, N, 2 S]
         products = products.view(MB, Q, 2 * S)                                   # [M * B, Q, 2 S]
         by_value = products.gather(2, self.values[:, None, :].expand(MB, Q, L))

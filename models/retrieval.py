@@ -79,7 +79,7 @@ class RetrievalModel(nn.Module):
         (models/projection.py)."""
         S = self.num_pairs
         value_columns = linear.weight[:, :S].T                              # [S, out]
-        return ProjectedKeys(value_columns[None], self.embedding.weight, linear.weight[:, S:],
+        return ProjectedKeys(value_columns, self.embedding.weight, linear.weight[:, S:],
                              linear.bias, values, keys)
 
     def _project(self, linear: nn.Linear, keys: Tensor, values: Tensor) -> Tensor:

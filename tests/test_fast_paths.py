@@ -660,15 +660,15 @@ def test_pair_scores_equal_the_product_of_matrices(num_queries, generator):
 def test_projected_key_scores_equal_the_formed_keys(members, num_queries, single, generator):
     """ProjectedKeys.scores(q) (q against each member's tables or, with few queries, the key
     table's factors; then gathers) equals q @ k^T with k = dense(), forward and backward,
-    float64; a member's queries read only its tables. ``single``: the factors as a single
-    model passes them, without the member dimension."""
+    float64; a member's queries read only its tables. ``single``: the tables as a single
+    model passes them, without the member dimension (and ``lookups`` gives them as they are)."""
     from models.projection import ProjectedKeys
     M, B, L, S, D, E = members, 3, 7, 5, 4, 6
     shapes = [(M, S, D), (M, S, E), (M, D, E), (M, D)]      # columns, embedding, weight, bias
     tables = [torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
               for shape in shapes]
     if single:
-        tables = [tables[0]] + [t.detach()[0].requires_grad_() for t in tables[1:]]
+        tables = [t.detach()[0].requires_grad_() for t in tables]
     ids = [torch.randint(0, S, (M * B, L), generator=generator) for _ in range(2)]
     q = torch.randn(M * B, num_queries, D, generator=generator, dtype=torch.float64,
                     requires_grad=True)
@@ -677,8 +677,10 @@ def test_projected_key_scores_equal_the_formed_keys(members, num_queries, single
     # One query per sequence reads the factors here (B (D + S) < S D for these sizes), more
     # read the formed table: both forms are checked.
     assert keys.reads_factors(B * num_queries) == (num_queries == 1)
-    columns = tables[0]
-    embedding, projection, bias = (t if not single else t[None] for t in tables[1:])
+    columns, embedding, projection, bias = (t if not single else t[None] for t in tables)
+    assert keys.members == M
+    if single:
+        assert keys.lookups()[0] is tables[0]
     dense = keys.dense()
     row = lambda m, b: m * B + b
     for m in range(M):                                  # member m's rows of its own tables
