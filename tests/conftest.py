@@ -15,6 +15,19 @@ def generator():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture
+def fresh_python():
+    """run(code) -> CompletedProcess: code run by a new interpreter in the repository root,
+    the suite importable (what a process imports or does at exit, unlike this one's)."""
+    import subprocess
+
+    def run(code: str, timeout: float = 300):
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=timeout)
+    return run
+
+
 @pytest.fixture(params=["native", "native-chunkwise", "torch"])
 def native_steps(request, monkeypatch):
     """Run the FWM write (sequential at tiny states; "native-chunkwise": the chunked C write

@@ -98,15 +98,10 @@ def test_lean_adam_in_training_matches_fused_adam():
     assert _same(*results)
 
 
-def test_training_with_lean_adam_never_imports_dynamo():
+def test_training_with_lean_adam_never_imports_dynamo(fresh_python):
     """torch.optim imports torch._dynamo on the first step, zero_grad and add_param_group
     (about 1 s of every training process's start); LeanAdam's first steps do not, and its state
     after them is torch's (the test above)."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys, torch\n"
             "from training.config import RunConfig\n"
             "from training.trainer import train\n"
@@ -114,8 +109,7 @@ def test_training_with_lean_adam_never_imports_dynamo():
             "train(RunConfig(num_pairs=6, max_steps=5), progress=False)\n"
             "train_seeds([RunConfig(num_pairs=6, max_steps=5, seed=s) for s in (0, 1)])\n"
             "print('torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    out = fresh_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
 

@@ -238,7 +238,7 @@ def test_groups_at_once_train_here_what_no_worker_has_started():
     assert run_claimed_group(os.path.join(ROOT, "no-such-claims-folder"), 1, [here[0].to_dict()]) is None
 
 
-def test_local_worker_leaves_without_teardown_after_flushing_its_output():
+def test_local_worker_leaves_without_teardown_after_flushing_its_output(fresh_python):
     """``_exit_without_teardown`` (a local worker's exit): the output written so far comes out
     and the process ends with status 0 before the exit handlers registered earlier (the
     interpreter's teardown) run."""
@@ -247,8 +247,7 @@ def test_local_worker_leaves_without_teardown_after_flushing_its_output():
             "atexit.register(print, 'teardown ran')\n"
             "_exit_without_teardown()\n"
             "print('trained', end='')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    out = fresh_python(code)
     assert (out.returncode, out.stdout) == (0, "trained"), out.stderr
 
 
