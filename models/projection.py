@@ -92,9 +92,13 @@ class ProjectedKeys(NamedTuple):
     @property
     def table(self) -> Tensor:
         """The projected embedding table bias + embedding weight^T, [M, S, D]."""
-        if self.embedding.dim() == 2:             # one model: the product nn.Linear would run
-            return torch.addmm(self.bias, self.embedding, self.weight.T)[None]
+        if self.embedding.dim() == 2:
+            return self._single_table()[None]
         return torch.baddbmm(self.bias[:, None, :], self.embedding, self.weight.transpose(1, 2))
+
+    def _single_table(self) -> Tensor:
+        """A single model's table, [S, D]: the product nn.Linear would run."""
+        return torch.addmm(self.bias, self.embedding, self.weight.T)
 
     def lookups(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(columns, table, values, keys) such that k_t = columns[values_t] + table[keys_t]:
@@ -107,10 +111,8 @@ class ProjectedKeys(NamedTuple):
             member = torch.arange(M, device=values.device).repeat_interleave(values.shape[0] // M)
             values, keys = values + S * member[:, None], keys + S * member[:, None]
         columns = self.columns if self.columns.dim() == 2 else self.columns.reshape(M * S, D)
-        if self.embedding.dim() == 2:
-            table = torch.addmm(self.bias, self.embedding, self.weight.T)        # [S, D]
-        else:
-            table = self.table.reshape(M * S, D)
+        table = (self._single_table() if self.embedding.dim() == 2
+                 else self.table.reshape(M * S, D))
         return columns, table, values, keys
 
     def dense(self) -> Tensor:

@@ -101,7 +101,7 @@ def test_lean_adam_in_training_matches_fused_adam():
 def test_training_with_lean_adam_never_imports_dynamo(fresh_python):
     """torch.optim imports torch._dynamo on the first step, zero_grad and add_param_group
     (about 1 s of every training process's start); LeanAdam's first steps do not, and its state
-    after them is torch's (the test above)."""
+    after them is torch's (test_lean_adam_matches_fused_adam_bitwise)."""
     code = ("import sys, torch\n"
             "from training.config import RunConfig\n"
             "from training.trainer import train\n"

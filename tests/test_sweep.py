@@ -208,10 +208,9 @@ def test_groups_at_once_train_here_what_no_worker_has_started():
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import torch
-
     from training.config import RunConfig
-    from training.sweep import _stop_workers, run_claimed_group, run_groups_at_once, run_group
+    from training.sweep import (_run_group_with_threads, _stop_workers, run_claimed_group,
+                                run_groups_at_once)
 
     here = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (0, 1)]
     stolen = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (2, 3)]
@@ -226,13 +225,7 @@ def test_groups_at_once_train_here_what_no_worker_has_started():
         _stop_workers(pool)
     assert elapsed < 120                                      # the worker's sleep: 300 s
     assert [r["config"]["seed"] for r in finished] == [0, 1, 2, 3]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        expected = run_group([c.to_dict() for c in stolen])
-    finally:
-        torch.set_num_threads(threads)
-    for result, alone in zip(finished[2:], expected):
+    for result, alone in zip(finished[2:], _run_group_with_threads(stolen, 1)):
         assert result["status"] == "done" and result["curve"] == alone["curve"]
     # the claims folder is gone once the command is done: a late worker trains nothing
     assert run_claimed_group(os.path.join(ROOT, "no-such-claims-folder"), 1, [here[0].to_dict()]) is None
