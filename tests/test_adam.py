@@ -127,3 +127,24 @@ def test_lean_adam_first_step_takes_torchs_path_where_the_short_way_does_not_app
             opt.step()
         assert _same(ours, theirs), step
     assert lean._lists is not None
+
+
+def test_lean_adam_under_a_grad_scaler_takes_torchs_step():
+    """A GradScaler hands a fused optimiser its scale and inf flag for its step to read: a step
+    with an inf gradient is skipped and the others unscaled, as by torch's fused Adam."""
+    results = []
+    for make in (lambda p: LeanAdam([p], lr=0.1),
+                 lambda p: torch.optim.Adam([p], lr=0.1, fused=True)):
+        p = torch.ones(3, requires_grad=True)
+        opt = make(p)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            weights = torch.tensor([1.0, 2.0, float("inf") if step == 1 else 3.0])
+            scaler.scale((p * weights).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append((p.detach().clone(), opt.state[p]["step"].clone()))
+    (ours, our_steps), (theirs, their_steps) = results
+    assert torch.isfinite(ours).all() and torch.equal(ours, theirs)
+    assert torch.equal(our_steps, their_steps) and their_steps.item() == 2

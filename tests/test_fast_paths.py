@@ -655,20 +655,23 @@ def test_pair_scores_equal_the_product_of_matrices(num_queries, generator):
     assert torch.autograd.gradgradcheck(pair_scores, (q, k))
 
 
-@pytest.mark.parametrize("members,num_queries,single", [(1, 1, False), (1, 5, False), (3, 1, False),
-                                                        (3, 4, False), (1, 1, True), (1, 5, True)])
+@pytest.mark.parametrize("members,num_queries,single", [(1, 1, None), (1, 5, None), (3, 1, None),
+                                                        (3, 4, None), (1, 1, "all"), (1, 5, "all"),
+                                                        (1, 1, "factors")])
 def test_projected_key_scores_equal_the_formed_keys(members, num_queries, single, generator):
     """ProjectedKeys.scores(q) (q against each member's tables or, with few queries, the key
     table's factors; then gathers) equals q @ k^T with k = dense(), forward and backward,
-    float64; a member's queries read only its tables. ``single``: the tables as a single
-    model passes them, without the member dimension (and ``lookups`` gives them as they are)."""
+    float64; a member's queries read only its tables. ``single``: "all" the tables as a single
+    model passes them, without the member dimension (and ``lookups`` gives them as they are),
+    or the table's "factors" alone so (the columns [1, S, D])."""
     from models.projection import ProjectedKeys
     M, B, L, S, D, E = members, 3, 7, 5, 4, 6
     shapes = [(M, S, D), (M, S, E), (M, D, E), (M, D)]      # columns, embedding, weight, bias
     tables = [torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
               for shape in shapes]
     if single:
-        tables = [t.detach()[0].requires_grad_() for t in tables]
+        first = 0 if single == "all" else 1
+        tables = tables[:first] + [t.detach()[0].requires_grad_() for t in tables[first:]]
     ids = [torch.randint(0, S, (M * B, L), generator=generator) for _ in range(2)]
     q = torch.randn(M * B, num_queries, D, generator=generator, dtype=torch.float64,
                     requires_grad=True)
@@ -677,9 +680,10 @@ def test_projected_key_scores_equal_the_formed_keys(members, num_queries, single
     # One query per sequence reads the factors here (B (D + S) < S D for these sizes), more
     # read the formed table: both forms are checked.
     assert keys.reads_factors(B * num_queries) == (num_queries == 1)
-    columns, embedding, projection, bias = (t if not single else t[None] for t in tables)
+    columns, embedding, projection, bias = (t if t.dim() == n else t[None]
+                                            for t, n in zip(tables, (3, 3, 3, 2)))
     assert keys.members == M
-    if single:
+    if single == "all":
         assert keys.lookups()[0] is tables[0]
     dense = keys.dense()
     row = lambda m, b: m * B + b

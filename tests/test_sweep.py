@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -200,7 +201,7 @@ def test_groups_at_once_hand_on_the_workers_results_when_interrupted(monkeypatch
     assert all(r["status"] == "done" and r["steps"] == 20 for r in finished)
 
 
-def test_groups_at_once_train_here_what_no_worker_has_started():
+def test_groups_at_once_train_here_what_no_worker_has_started(monkeypatch):
     """A worker still starting (here: asleep for minutes) when this process is free again: its
     group is trained here instead, without waiting for it, and gives the floats it would have
     (bitwise those of the group trained alone at one thread); the worker, once up, finds the
@@ -214,7 +215,9 @@ def test_groups_at_once_train_here_what_no_worker_has_started():
 
     here = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (0, 1)]
     stolen = [RunConfig(num_pairs=6, max_steps=20, seed=s) for s in (2, 3)]
-    finished = []
+    finished, folders = [], []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: folders.append(mkdtemp(**kw)) or folders[-1])
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=time.sleep, initargs=(300,))
     start = time.monotonic()
@@ -228,7 +231,29 @@ def test_groups_at_once_train_here_what_no_worker_has_started():
     for result, alone in zip(finished[2:], _run_group_with_threads(stolen, 1)):
         assert result["status"] == "done" and result["curve"] == alone["curve"]
     # the claims folder is gone once the command is done: a late worker trains nothing
-    assert run_claimed_group(os.path.join(ROOT, "no-such-claims-folder"), 1, [here[0].to_dict()]) is None
+    assert len(folders) == 1 and not os.path.exists(folders[0])
+    assert run_claimed_group(folders[0], 1, [here[0].to_dict()]) is None
+
+
+def test_groups_at_once_train_here_what_nobody_could_claim(monkeypatch):
+    """The claims folder gone while the command runs (a /tmp cleaner, say): no claim succeeds
+    anywhere, the worker trains nothing, and this process trains every group itself, in
+    order, rather than failing on the worker's empty answer. (A thread pool stands in for the
+    workers: the same calls, in this process.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import training.sweep
+    from training.config import RunConfig
+    from training.sweep import run_groups_at_once
+
+    groups = [[RunConfig(num_pairs=6, max_steps=10, seed=s) for s in seeds]
+              for seeds in ((0, 1), (2,), (3, 4))]
+    monkeypatch.setattr(training.sweep, "_claim", lambda claims, index: False)
+    finished = []
+    with ThreadPoolExecutor(2) as pool:
+        run_groups_at_once(groups, finished.append, 1, pool)
+    assert [r["config"]["seed"] for r in finished] == [0, 1, 2, 3, 4]
+    assert all(r["status"] == "done" for r in finished)
 
 
 def test_local_worker_leaves_without_teardown_after_flushing_its_output(fresh_python):

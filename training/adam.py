@@ -8,8 +8,8 @@ parameter tensors, 57K floats) took 200-270 us per ``step()`` against 75-100 us 
 call alone, out of a 2-3 ms training step.
 
 ``LeanAdam`` is that optimiser. Any step it cannot take the short way (a closure, hooks, a
-parameter without a gradient, several groups, devices or dtypes, options the short way does
-not pass) is ``torch.optim.Adam.step`` itself; otherwise it keeps the lists and makes the same
+GradScaler's step, a parameter without a gradient, several groups, devices or dtypes, options
+the short way does not pass) is ``torch.optim.Adam.step`` itself; otherwise it keeps the lists and makes the same
 two calls as ``torch.optim.adam._fused_adam`` (step counts + 1, then the kernel), so the
 parameters and state are bitwise those of ``torch.optim.Adam(fused=True)`` (tests/test_adam.py).
 Its first step creates the state as ``Adam._init_group`` does (zeros, a float32 step count)
@@ -86,13 +86,19 @@ class LeanAdam(torch.optim.Adam):
         return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                     or _global_optimizer_pre_hooks or _global_optimizer_post_hooks)
 
+    def _scaled(self) -> bool:
+        """True inside a GradScaler's step, which hands a fused optimiser its scale and inf
+        flag as attributes for torch's step to read."""
+        return (getattr(self, "grad_scale", None) is not None
+                or getattr(self, "found_inf", None) is not None)
+
     def _full_step(self, closure=None):
         loss = _FULL_STEP(self, closure)
         self._lists = self._short_lists()
         return loss
 
     def step(self, closure=None):
-        if closure is not None or self._hooked():
+        if closure is not None or self._hooked() or self._scaled():
             return self._full_step(closure)
         lists = self._lists
         if lists is None:

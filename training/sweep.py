@@ -455,23 +455,24 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
     if own_pool:
         pool = worker_pool(len(groups) - 1, threads)
     claims = tempfile.mkdtemp(prefix="fwr-claims-")
-    futures, handed, taken_back = [], set(), False
+    futures, handed, worker_trained = [], set(), False
 
-    def hand(future) -> None:
+    def hand(future) -> list[dict] | None:
         results = future.result()         # an interrupt while waiting leaves it unhanded
         handed.add(future)
-        for result in results:
-            finished(result)
+        return results
 
     try:
         futures = [pool.submit(run_claimed_group, claims, index, [c.to_dict() for c in group])
                    for index, group in enumerate(groups[1:], start=1)]
         for index, group in enumerate(groups):
-            if index and not _claim(claims, index):
-                hand(futures[index - 1])                    # a worker claimed it first
-                continue
-            taken_back = taken_back or index > 0
-            for result in _run_group_with_threads(group, threads):
+            # A worker's results if it claimed the group first; None if it trained nothing
+            # either (the claims folder gone, say, by a /tmp cleaner): then trained here.
+            results = hand(futures[index - 1]) if index and not _claim(claims, index) else None
+            worker_trained = worker_trained or results is not None
+            if results is None:
+                results = _run_group_with_threads(group, threads)
+            for result in results:
                 finished(result)
     except BaseException:
         # Ctrl-C or an error: the workers' groups that finished meanwhile are handed on, not
@@ -479,16 +480,19 @@ def run_groups_at_once(groups: list[list[RunConfig]], finished, threads: int = 1
         for future in futures:
             if (future not in handed and future.done() and not future.cancelled()
                     and future.exception() is None and future.result() is not None):
-                hand(future)
+                for result in hand(future):
+                    finished(result)
         if own_pool:                  # as _run_local: stop the workers now
             _stop_workers(pool)
         raise
     finally:
         shutil.rmtree(claims, ignore_errors=True)
     if own_pool:
-        # Every group is in. A worker whose group was taken back may still be starting: it is
-        # stopped, not waited for; idle workers leave at once (``_exit_without_teardown``).
-        _stop_workers(pool) if taken_back else pool.shutdown()
+        # Every group is in. If no worker trained one, the workers may still be starting:
+        # stopped, not waited for. Otherwise joined (idle workers leave at once:
+        # ``_exit_without_teardown``): terminating them then made multiprocessing warn of
+        # leaked semaphores at exit.
+        pool.shutdown() if worker_trained else _stop_workers(pool)
 
 
 def _run_group_with_threads(group: list[RunConfig], threads: int) -> list[dict]:
