@@ -9,9 +9,10 @@ call alone, out of a 2-3 ms training step.
 
 ``LeanAdam`` is that optimiser. Any step it cannot take the short way (a closure, hooks, a
 GradScaler's step, a parameter without a gradient, several groups, devices or dtypes, options
-the short way does not pass) is ``torch.optim.Adam.step`` itself; otherwise it keeps the lists and makes the same
-two calls as ``torch.optim.adam._fused_adam`` (step counts + 1, then the kernel), so the
-parameters and state are bitwise those of ``torch.optim.Adam(fused=True)`` (tests/test_adam.py).
+the short way does not pass) is ``torch.optim.Adam.step`` itself; otherwise it keeps the
+lists and makes the same two calls as ``torch.optim.adam._fused_adam`` (step counts + 1, then
+the kernel), so the parameters and state are bitwise those of ``torch.optim.Adam(fused=True)``
+(tests/test_adam.py).
 Its first step creates the state as ``Adam._init_group`` does (zeros, a float32 step count)
 before the same two calls. ``zero_grad(set_to_none=True)`` likewise just drops the gradients.
 
